@@ -1,0 +1,84 @@
+"""Checkpoints that describe themselves and are written atomically; loading never runs code.
+
+Files: `step-00001234.pt` (the newest `checkpoint.keep` are kept) and `last.pt`, the newest.
+Each is written to a temporary file, flushed, fsynced and `os.replace`d: a reader (or a crash)
+sees the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+STEP_FILE = re.compile(r"step-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save(state: dict, ckpt_dir: Path, step: int, keep: int) -> Path:
+    """Write `state` as step-<step>.pt and last.pt; keep the newest `keep` step files."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step-{step:08d}.pt"
+    atomic_save(state, path)
+    last_tmp = ckpt_dir / f".last.pt.tmp-{os.getpid()}"
+    try:
+        os.link(path, last_tmp)  # a second name for the same bytes, swapped in atomically
+        os.replace(last_tmp, ckpt_dir / "last.pt")
+    except OSError:
+        last_tmp.unlink(missing_ok=True)
+        atomic_save(state, ckpt_dir / "last.pt")  # filesystems without hard links
+    for old in step_files(ckpt_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def step_files(ckpt_dir: Path) -> list[Path]:
+    """step-*.pt files, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def load(path: Path) -> dict:
+    """Load with `weights_only=True`: tensors and plain values only, so a crafted pickle cannot run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or unsafe all mean "not usable"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a valid checkpoint ({first[:200]})") from None
+    if not isinstance(state, dict) or "model" not in state or "progress" not in state:
+        raise CheckpointError(f"{path}: not a resnet_dist checkpoint")
+    return state
+
+
+def load_newest(ckpt_dir: Path) -> tuple[dict, Path] | None:
+    """The newest checkpoint that loads; each unusable newer one is reported in one line and skipped."""
+    for path in step_files(ckpt_dir):
+        try:
+            return load(path), path
+        except CheckpointError as e:
+            print(f"warning: {e}; trying the previous one", file=sys.stderr, flush=True)
+    return None

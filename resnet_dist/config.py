@@ -1,0 +1,220 @@
+"""Config: built-in defaults <- YAML file <- KEY=VALUE overrides, validated before anything runs.
+
+Every knob is declared once below, with its default and a one-line doc (the `doc` metadata).
+`load()` raises `ConfigError` with one line naming the key; `train.py` turns it into exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A usage error in the config: unknown key, wrong type or invalid value."""
+
+
+def knob(default, doc: str, choices: tuple = (), check=None, msg: str = ""):
+    """A config field: default, one-line doc, optional allowed values or validity check."""
+    meta = {"doc": doc, "choices": choices, "check": check, "msg": msg}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+positive = (lambda v: v > 0, "must be > 0")
+non_negative = (lambda v: v >= 0, "must be >= 0")
+optional_positive = (lambda v: v is None or v > 0, "must be null or > 0")
+fraction = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+probability = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+
+
+def checked(default, doc, rule, choices=()):
+    return knob(default, doc, choices=choices, check=rule[0], msg=rule[1])
+
+
+@dataclass
+class RunConfig:
+    dir: str = knob("runs", "parent folder of run directories")
+    name: Optional[str] = knob(None, "run directory name; null = $SLURM_JOB_ID under SLURM, else a timestamp")
+    seed: int = knob(0, "base random seed (each rank derives its own augmentation stream)")
+
+
+@dataclass
+class DataConfig:
+    root: str = knob("data", "where the prepared dataset lives")
+    mirror: Optional[str] = knob(None, "folder with the four original .gz files; null = Debian's copy if present")
+    train_subset: Optional[int] = checked(None, "null = whole train split; N = the first N images", optional_positive)
+    test_subset: Optional[int] = checked(None, "null = whole test split; N = the first N images", optional_positive)
+    resize: Optional[int] = checked(None, "null = native 28x28; 224 reproduces the original recipe", optional_positive)
+    crop_padding: int = checked(0, "random-crop padding in pixels (0 = no crop augmentation)", non_negative)
+    flip: bool = knob(False, "random horizontal flip")
+    erasing: float = checked(0.0, "probability of random erasing per image", probability)
+    eval_batch_size: int = checked(1024, "per-rank batch size for evaluation", positive)
+
+
+@dataclass
+class ModelConfig:
+    stem: str = knob("imagenet", "imagenet (7x7/2 conv + 3x3/2 max-pool) or cifar (3x3/1 conv, no pool)",
+                     choices=("imagenet", "cifar"))
+    init: str = knob("xavier", "weight init: xavier (original) or kaiming", choices=("xavier", "kaiming"))
+    num_classes: int = checked(10, "output classes", positive)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = checked(10, "number of epochs", positive)
+    batch_size: int = checked(256, "GLOBAL batch size over all ranks", positive)
+    lr: float = checked(0.05, "peak learning rate", positive)
+    momentum: float = checked(0.0, "SGD momentum", fraction)
+    nesterov: bool = knob(False, "Nesterov momentum (needs momentum > 0)")
+    weight_decay: float = checked(0.0, "weight decay (never applied to BatchNorm weights and biases)", non_negative)
+    schedule: str = knob("constant", "LR schedule: constant (original), onecycle, cosine (warmup + cosine)",
+                         choices=("constant", "onecycle", "cosine"))
+    warmup: float = checked(0.0, "fraction of training spent warming up (onecycle, cosine)", fraction)
+    label_smoothing: float = checked(0.0, "label smoothing of the cross-entropy", fraction)
+    precision: str = knob("auto", "auto, bf16, fp16 or fp32 (auto: bf16 / fp16 on GPU, fp32 on CPU)",
+                          choices=("auto", "bf16", "fp16", "fp32"))
+    channels_last: bool = knob(True, "channels_last memory format (CUDA only)")
+
+
+@dataclass
+class DistConfig:
+    timeout_s: int = checked(600, "collective timeout in seconds: a dead peer fails the others after this", positive)
+
+
+@dataclass
+class CheckpointConfig:
+    resume: str = knob("auto", "auto (newest valid checkpoint of the run directory), never, or a path")
+    keep: int = checked(2, "how many step checkpoints to keep (last.pt is the newest)", positive)
+    every_steps: int = checked(0, "also save every N steps (0 = only at the end of each epoch)", non_negative)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = knob("disabled", "online, offline or disabled; WANDB_MODE in the environment wins",
+                     choices=("online", "offline", "disabled"))
+    project: str = knob("resnet_dist", "W&B project")
+    entity: Optional[str] = knob(None, "W&B entity (team or user); null = your default")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = checked(50, "train metrics are all-reduced and logged every N steps", positive)
+    progress: str = knob("auto", "auto (tqdm bar on a terminal, a line per epoch otherwise), bar, lines",
+                         choices=("auto", "bar", "lines"))
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _set(node, dotted: str, value, path: str = "") -> None:
+    """Set `dotted` (a.b.c) on the dataclass tree `node`, type-checking the value."""
+    head, _, rest = dotted.partition(".")
+    key = f"{path}{head}"
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    if head not in fields:
+        raise ConfigError(f"unknown config key '{key}' (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(type(node))
+    current = getattr(node, head)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            return _set(current, rest, value, key + ".")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' is a section: give a mapping, not {value!r}")
+        for k, v in value.items():
+            _set(current, str(k), v, key + ".")
+        return
+    if rest:
+        raise ConfigError(f"unknown config key '{key}.{rest}' ('{key}' is not a section)")
+    setattr(node, head, _coerce(key, hints[head], value, fields[head].metadata))
+
+
+def _coerce(key: str, hint, value, meta):
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if value is None:
+        if not optional:
+            raise ConfigError(f"config key '{key}' must not be null")
+        return None
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # run.name=12345 (a job id) parses as an int
+    if base is int and isinstance(value, bool) or not isinstance(value, base):
+        raise ConfigError(f"config key '{key}' must be {base.__name__}, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(meta['choices'])}; got {value!r}")
+    if meta.get("check") and not meta["check"](value):
+        raise ConfigError(f"config key '{key}' {meta['msg']}; got {value!r}")
+    return value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`a.b=VALUE` -> ("a.b", VALUE parsed as a YAML scalar)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' is not KEY=VALUE")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Checks that span several keys, or the launch."""
+    t = cfg.train
+    if t.batch_size % world_size:
+        raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) must be divisible by the world size ({world_size})")
+    if t.nesterov and t.momentum <= 0:
+        raise ConfigError("config key 'train.nesterov' needs train.momentum > 0")
+    if t.schedule == "constant" and t.warmup > 0:
+        raise ConfigError("config key 'train.warmup' needs train.schedule onecycle or cosine")
+    if cfg.checkpoint.resume not in ("auto", "never") and not os.path.isfile(cfg.checkpoint.resume):
+        raise ConfigError(f"config key 'checkpoint.resume': no checkpoint file at {cfg.checkpoint.resume!r}")
+    if cfg.data.mirror is not None and not os.path.isdir(cfg.data.mirror):
+        raise ConfigError(f"config key 'data.mirror': no folder at {cfg.data.mirror!r}")
+
+
+def load(path: Optional[str] = None, overrides: typing.Sequence[str] = (), world_size: Optional[int] = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        for k, v in data.items():
+            _set(cfg, str(k), v)
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    if world_size is None:
+        from .distributed import detect  # the launcher's world size, read before any process group
+        world_size = detect()["world_size"]
+    validate(cfg, world_size)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

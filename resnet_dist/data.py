@@ -1,0 +1,235 @@
+"""Fashion-MNIST: prepared once per filesystem, then held as tensors on the training device.
+
+Batches are gathered from the device tensor with indices from `DistributedSampler`; crop, flip,
+erasing and resize run on the whole batch on the device. No per-sample transform, no workers.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+DEBIAN_MIRROR = "/usr/share/datasets/fashion-mnist"
+# MD5 of the DECOMPRESSED files: Debian recompressed the .gz files, the IDX content is the original.
+FILES = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+MEAN, STD = 0.2860, 0.3530
+SPLIT_SIZE = {"train": 60000, "test": 10000}
+
+
+class DataError(RuntimeError):
+    """The dataset cannot be prepared or is corrupt."""
+
+
+def md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextmanager
+def dir_lock(path: Path, timeout_s: float = 1800, poll_s: float = 0.2):
+    """A lock that works across processes and nodes: `mkdir` is atomic on local and NFS filesystems.
+
+    The owner writes host and pid into it, so a lock left by a dead process on this host is broken.
+    """
+    owner = f"{socket.gethostname()} {os.getpid()}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.mkdir(path)
+            (path / "owner").write_text(owner)
+            break
+        except FileExistsError:
+            if _stale(path):
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            if time.monotonic() > deadline:
+                raise DataError(f"waited {timeout_s:.0f}s for the lock {path} (held by {_read(path / 'owner')}); "
+                                "remove it if its owner is gone") from None
+            time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _read(p: Path) -> str:
+    try:
+        return p.read_text()
+    except OSError:
+        return "?"
+
+
+def _stale(lock: Path) -> bool:
+    host, _, pid = _read(lock / "owner").partition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+
+
+def _fetch(tmp: Path, mirror: str | None) -> str:
+    """Fill `tmp` with the four decompressed files; returns where they came from."""
+    if mirror is None and os.path.isdir(DEBIAN_MIRROR):
+        mirror = DEBIAN_MIRROR
+    if mirror is not None:
+        for name in FILES:
+            src = Path(mirror) / f"{name}.gz"
+            if not src.is_file():
+                raise DataError(f"data.mirror {mirror} lacks {src.name}")
+            with gzip.open(src, "rb") as fin, open(tmp / name, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+        return mirror
+    from torchvision.datasets import FashionMNIST  # downloads and decompresses into tmp/FashionMNIST/raw
+    try:
+        FashionMNIST(str(tmp / "dl"), train=True, download=True)
+        FashionMNIST(str(tmp / "dl"), train=False, download=True)
+    except Exception as e:  # noqa: BLE001 - any network failure ends the same way
+        raise DataError(f"no data.mirror and the download failed ({e}); set data.mirror to a folder "
+                        "with the four Fashion-MNIST .gz files") from None
+    for name in FILES:
+        os.replace(tmp / "dl" / "FashionMNIST" / "raw" / name, tmp / name)
+    shutil.rmtree(tmp / "dl")
+    return "download"
+
+
+def prepare(root: str, mirror: str | None = None) -> Path:
+    """Make `root/FashionMNIST/raw` hold the four verified files; exactly one process does the work.
+
+    Layout is torchvision's, so `torchvision.datasets.FashionMNIST(root)` reads the same files.
+    """
+    raw = Path(root) / "FashionMNIST" / "raw"
+    if all((raw / n).is_file() for n in FILES):
+        return raw
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    with dir_lock(raw.parent / ".prepare.lock"):
+        if all((raw / n).is_file() for n in FILES):
+            return raw  # another process finished while we waited
+        tmp = raw.parent / f".raw-{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            source = _fetch(tmp, mirror)
+            for name, want in FILES.items():
+                if md5(tmp / name) != want:
+                    raise DataError(f"{name} from {source} has the wrong MD5 (expected {want}): corrupt copy")
+            if raw.exists():  # an incomplete folder from elsewhere: keep it aside, never delete user files
+                os.replace(raw, raw.parent / f"raw.incomplete-{int(time.time())}")
+            os.replace(tmp, raw)  # atomic: readers see nothing or everything
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return raw
+
+
+def read_idx(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated")
+    return arr.reshape(shape)
+
+
+def load_split(raw: Path, split: str, subset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 [N, 1, 28, 28], labels int64 [N]) of the first `subset` images of a split."""
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(raw / f"{prefix}-images-idx3-ubyte")
+    labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte")
+    n = len(labels) if subset is None else min(subset, len(labels))
+    return (torch.from_numpy(images[:n].copy()).unsqueeze(1), torch.from_numpy(labels[:n].astype(np.int64)))
+
+
+def normalize(x_uint8: torch.Tensor, resize: int | None) -> torch.Tensor:
+    x = (x_uint8.float() / 255.0 - MEAN) / STD
+    if resize is not None and resize != x.shape[-1]:
+        x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False)
+    return x
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, padding: int, flip: bool, erasing: float) -> torch.Tensor:
+    """Random crop (zero padding), horizontal flip and random erasing on a whole normalized batch."""
+    n, _, h, w = x.shape
+    dev = x.device
+    if padding:
+        xp = F.pad(x, (padding,) * 4, value=(0.0 - MEAN) / STD)  # pad with black, as torchvision does
+        oy = torch.randint(0, 2 * padding + 1, (n,), device=dev, generator=gen)
+        ox = torch.randint(0, 2 * padding + 1, (n,), device=dev, generator=gen)
+        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        x = xp[torch.arange(n, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None], rows, cols]
+    if flip:
+        mask = torch.rand(n, device=dev, generator=gen) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+    if erasing > 0:
+        # one rectangle per image: area 2-33% of the image, aspect 0.3-3.3 (the Random Erasing paper's defaults)
+        area = torch.empty(n, device=dev).uniform_(0.02, 0.33, generator=gen) * h * w
+        log_r = torch.empty(n, device=dev).uniform_(np.log(0.3), np.log(3.3), generator=gen)
+        eh = (area * log_r.exp()).sqrt().clamp(1, h).long()
+        ew = (area / log_r.exp()).sqrt().clamp(1, w).long()
+        y0 = (torch.rand(n, device=dev, generator=gen) * (h - eh + 1)).long()
+        x0 = (torch.rand(n, device=dev, generator=gen) * (w - ew + 1)).long()
+        ys, xs = torch.arange(h, device=dev)[None, :], torch.arange(w, device=dev)[None, :]
+        inside = (((ys >= y0[:, None]) & (ys < (y0 + eh)[:, None]))[:, :, None]
+                  & ((xs >= x0[:, None]) & (xs < (x0 + ew)[:, None]))[:, None, :])
+        apply = torch.rand(n, device=dev, generator=gen) < erasing
+        x = x.masked_fill((inside & apply[:, None, None])[:, None], 0.0)  # erase to the mean
+    return x
+
+
+@dataclass
+class TrainBatches:
+    """Each rank's training batches for one epoch: sampler indices -> gather on device -> augment."""
+    images: torch.Tensor  # uint8 [N, 1, 28, 28] on the device
+    labels: torch.Tensor
+    batch_size: int  # per rank
+    rank: int
+    world_size: int
+    seed: int
+    cfg: object  # DataConfig
+
+    def __post_init__(self):
+        self.sampler = DistributedSampler(range(len(self.labels)), num_replicas=self.world_size, rank=self.rank,
+                                          shuffle=True, seed=self.seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // self.batch_size
+        assert self.steps_per_epoch > 0, (f"{len(self.labels)} training images give no full batch of "
+                                          f"{self.batch_size} per rank on {self.world_size} ranks")
+
+    def epoch(self, epoch: int, gen: torch.Generator, start_step: int = 0):
+        """Yield (x, y) for steps start_step..steps_per_epoch-1 of `epoch` (the same on every rank count)."""
+        self.sampler.set_epoch(epoch)
+        order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.images.device)
+        for step in range(start_step, self.steps_per_epoch):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            x = normalize(self.images[idx], self.cfg.resize)
+            x = augment(x, gen, self.cfg.crop_padding, self.cfg.flip, self.cfg.erasing)
+            yield x, self.labels[idx]
+
+
+def eval_shard(n: int, rank: int, world_size: int) -> slice:
+    """A contiguous, unpadded shard: the shards of all ranks cover 0..n-1 exactly once."""
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)

@@ -1,0 +1,63 @@
+"""The original ResNet-18: `Residual` blocks with an optional 1x1 projection, built by `resnet_block`."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class Residual(nn.Module):
+    """Two 3x3 convs with BatchNorm; a 1x1 conv projects the input when shape or stride changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, use_1x1conv: bool = False, strides: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, stride=strides)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.conv3 = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=strides) if use_1x1conv else None
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        Y = F.relu(self.bn1(self.conv1(X)))
+        Y = self.bn2(self.conv2(Y))
+        if self.conv3 is not None:
+            X = self.conv3(X)
+        return F.relu(Y + X)
+
+
+def resnet_block(in_channels: int, out_channels: int, num_residuals: int, first_block: bool = False) -> nn.Sequential:
+    """A stage: the first Residual halves the resolution and projects, except in the first stage."""
+    blk = []
+    for i in range(num_residuals):
+        if i == 0 and not first_block:
+            blk.append(Residual(in_channels, out_channels, use_1x1conv=True, strides=2))
+        else:
+            blk.append(Residual(out_channels, out_channels))
+    return nn.Sequential(*blk)
+
+
+def stem(kind: str) -> nn.Sequential:
+    if kind == "imagenet":  # the original: 224x224 inputs
+        return nn.Sequential(nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3), nn.BatchNorm2d(64), nn.ReLU(),
+                             nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+    if kind == "cifar":  # keeps 28x28: the stages see 28/14/7/4 instead of 7/4/2/1
+        return nn.Sequential(nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+    raise ValueError(f"unknown stem {kind!r}")
+
+
+def build_model(cfg) -> nn.Sequential:
+    """ResNet-18 for 1-channel images (`cfg` is a ModelConfig)."""
+    net = nn.Sequential(
+        stem(cfg.stem),
+        resnet_block(64, 64, 2, first_block=True),
+        resnet_block(64, 128, 2),
+        resnet_block(128, 256, 2),
+        resnet_block(256, 512, 2),
+        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(512, cfg.num_classes))
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if cfg.init == "xavier":  # the original recipe
+                nn.init.xavier_uniform_(m.weight)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net

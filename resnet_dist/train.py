@@ -1,0 +1,92 @@
+"""`python -m resnet_dist.train [--config FILE] [KEY=VALUE ...]`, under any launcher or none."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import checkpoint, config, distributed
+from .data import DataError
+from .trainer import Trainer
+from .metrics import ConsoleLogger, JsonlLogger, MultiLogger, NullLogger, truncate_jsonl
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m resnet_dist.train", description=__doc__)
+    p.add_argument("--config", help="YAML file over the built-in defaults")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=0.1")
+    return p.parse_args(argv)
+
+
+def usage_error(msg: str) -> "NoReturn":  # noqa: F821
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_name(cfg: config.Config) -> str:
+    return cfg.run.name or os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
+
+
+def resume_state(cfg: config.Config, ckpt_dir: Path):
+    """The checkpoint to resume from per `checkpoint.resume`, or None for a fresh start."""
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        found = checkpoint.load_newest(ckpt_dir)
+        return found[0] if found else None
+    return checkpoint.load(Path(cfg.checkpoint.resume))
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = config.load(args.config, args.overrides)
+    except config.ConfigError as e:
+        usage_error(str(e))
+    if args.print_config:
+        print(config.to_yaml(cfg), end="")
+        return 0
+
+    env = distributed.setup(cfg.dist.timeout_s)
+    try:
+        run_dir = Path(cfg.run.dir) / distributed.broadcast_object(run_name(cfg))
+        if env.is_main:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+        state = resume_state(cfg, run_dir / "checkpoints")
+        logger = NullLogger()
+        if env.is_main:
+            if state is not None:
+                truncate_jsonl(run_dir / "metrics.jsonl", state["progress"]["global_step"])
+            logger = MultiLogger(ConsoleLogger(), JsonlLogger(run_dir / "metrics.jsonl"))
+        trainer = Trainer(cfg, env, run_dir, logger)
+        if state is not None:
+            trainer.load_state_dict(state)
+        if env.is_main:
+            print(f"resnet_dist: launcher={env.launcher} world_size={env.world_size} nodes={env.num_nodes} "
+                  f"backend={env.backend or 'none'} device={env.device} precision={trainer.precision} "
+                  f"run_dir={run_dir} " + (f"resumed at step {trainer.global_step}" if state else "fresh start"),
+                  flush=True)
+        outcome = trainer.fit()
+        logger.close()
+        if env.is_main and outcome == "done":
+            print(f"finished: {run_dir}", flush=True)
+        return 0
+    except (checkpoint.CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as e:  # noqa: BLE001
+        hint = distributed.explain_failure(e, cfg.dist.timeout_s)
+        if hint is None:
+            raise
+        print(f"error (rank {env.rank}): {hint}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Trainer: the state of one run and the loop that advances it, identical on 1 CPU or 64 GPUs."""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import checkpoint
+from .config import Config
+from .data import CLASSES, TrainBatches, eval_shard, load_split, normalize, prepare
+from .distributed import DistEnv, all_reduce_sum
+from .metrics import NullLogger, progress_bar
+
+CLASS_KEYS = tuple(c.lower().replace("-", "_").replace("/", "_").replace(" ", "_") for c in CLASSES)
+
+
+def resolve_precision(requested: str, device: torch.device, env=None) -> str:
+    """`auto`: what accelerate asked for, else bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    import os
+    env = os.environ if env is None else env
+    if requested != "auto":
+        return requested
+    accel = env.get("ACCELERATE_MIXED_PRECISION")
+    if accel in ("bf16", "fp16"):
+        return accel
+    if accel == "no" or device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def make_optimizer(model: nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
+    """SGD; BatchNorm weights and biases (all 1-d parameters) get no weight decay."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, **fast)
+
+
+def lr_factor(t, total_steps: int):
+    """Multiplier of the peak LR at each step: constant, onecycle (linear up, linear down) or warmup + cosine."""
+    warm = max(1, round(t.warmup * total_steps)) if t.warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if t.schedule == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        frac = (step - warm) / max(1, total_steps - warm)
+        if t.schedule == "onecycle":
+            return max(0.0, 1.0 - frac)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+    return factor
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, env: DistEnv, resize,
+                   batch_size: int, autocast=nullcontext(), num_classes: int = 10) -> dict:
+    """Exact test metrics: each rank takes an unpadded shard; (loss sum, confusion matrix) is all-reduced once."""
+    was_training = model.training
+    model.eval()
+    shard = eval_shard(len(labels), env.rank, env.world_size)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=images.device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=images.device)
+    for i in range(shard.start, shard.stop, batch_size):
+        j = min(i + batch_size, shard.stop)
+        x, y = normalize(images[i:j], resize), labels[i:j]
+        if env.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
+        confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes ** 2).double()
+    total = all_reduce_sum(torch.cat([loss_sum, confusion])).cpu()
+    model.train(was_training)
+    conf = total[1:].view(num_classes, num_classes).round().long()  # rows: true class, columns: predicted
+    count = int(conf.sum())
+    assert count == len(labels), f"evaluation counted {count} images, the split has {len(labels)}: shards overlap or miss"
+    per_class = conf.diag().double() / conf.sum(1).clamp(min=1).double()
+    result = {"test/loss": float(total[0]) / count, "test/acc": float(conf.diag().sum()) / count, "test/samples": count}
+    result.update({f"test/acc/{k}": float(a) for k, a in zip(CLASS_KEYS, per_class)})
+    result["confusion"] = conf.tolist()
+    return result
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; all ranks learn of it at the same step (a CPU all-reduce of the flag)."""
+
+    def __init__(self, env: DistEnv):
+        self.received = False
+        self.group = dist.new_group(backend="gloo") if env.distributed else None
+        self.flag = torch.zeros(1)
+        self.pending = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = True
+
+    def agreed(self) -> bool:
+        """True on every rank at the same step once any rank got a signal.
+
+        The all-reduce is started at one step and read at the next, so the GPU never waits for it.
+        """
+        if self.group is None:
+            return self.received
+        stop = False
+        if self.pending is not None:
+            self.pending.wait()
+            stop = bool(self.flag.item() > 0)
+        self.flag.fill_(float(self.received))
+        self.pending = dist.all_reduce(self.flag, group=self.group, async_op=True)
+        return stop
+
+    def drain(self) -> bool:
+        """Finish the in-flight agreement (before anything else is collective); True if a stop was agreed."""
+        if self.pending is None:
+            return self.received if self.group is None else False
+        self.pending.wait()
+        self.pending = None
+        return bool(self.flag.item() > 0)
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    """Every random stream of this rank, as tensors and plain values (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    return {"augment": gen.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict, gen: torch.Generator) -> None:
+    gen.set_state(state["augment"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path | None = None, logger=NullLogger()):
+        self.cfg, self.env, self.run_dir, self.logger = cfg, env, run_dir, logger
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        dev = env.device
+        raw = prepare(cfg.data.root, cfg.data.mirror)
+        train_x, train_y = load_split(raw, "train", cfg.data.train_subset)
+        test_x, test_y = load_split(raw, "test", cfg.data.test_subset)
+        self.test_x, self.test_y = test_x.to(dev), test_y.to(dev)
+        t = cfg.train
+        assert t.batch_size % env.world_size == 0, "the global batch must split evenly over the ranks"
+        self.batches = TrainBatches(train_x.to(dev), train_y.to(dev), t.batch_size // env.world_size,
+                                    env.rank, env.world_size, cfg.run.seed, cfg.data)
+        self.gen = torch.Generator(device=dev)
+        self.gen.manual_seed(cfg.run.seed * 100_003 + env.rank)  # each rank augments differently
+
+        from .model import build_model
+        self.model = build_model(cfg.model).to(dev)
+        self.channels_last = dev.type == "cuda" and t.channels_last
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # gradient_as_bucket_view: gradients live in DDP's buckets, saving a copy per step
+        self.ddp = (DDP(self.model, device_ids=[dev] if dev.type == "cuda" else None, gradient_as_bucket_view=True)
+                    if env.distributed else self.model)
+        self.optimizer = make_optimizer(self.model, t, dev)
+        self.total_steps = t.epochs * self.batches.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(t, self.total_steps))
+        self.precision = resolve_precision(t.precision, dev)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.autocast = torch.autocast(dev.type, dtype=dtype) if dtype else nullcontext()
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.precision == "fp16")
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        self.preemption = Preemption(env)
+        # progress: the epoch and the step within it to run next, and the global step count
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        # train metrics: (loss sum, correct) accumulate on the device, summed over ranks once per log interval
+        self.interval = torch.zeros(2, dtype=torch.float64, device=dev)
+        self.interval_steps = 0
+        self.epoch_sums = [0.0, 0.0, 0]  # loss sum, correct, images: already reduced over ranks
+        self.epoch_time = 0.0
+        self.wandb_id = None
+        self.history: list[dict] = []
+
+    # ---- one step -------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast:
+            out = self.ddp(x)
+            loss = self.loss_fn(out, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # DDP all-reduces gradients bucket by bucket during backward
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        with torch.no_grad():  # stays on the device: no host sync per step
+            self.interval += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double()])
+        self.interval_steps += 1
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def fit(self) -> str:
+        """Train to the end ("done") or until a signal ("preempted"); checkpoints as configured."""
+        c, spe = self.cfg, self.batches.steps_per_epoch
+        every_ckpt = c.checkpoint.every_steps
+        while self.epoch < c.train.epochs:
+            bar = progress_bar(self.env.is_main, c.log.progress, spe, f"epoch {self.epoch + 1}/{c.train.epochs}",
+                               self.step_in_epoch)
+            t0 = time.perf_counter()
+            for x, y in self.batches.epoch(self.epoch, self.gen, start_step=self.step_in_epoch):
+                self.train_step(x, y)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                bar.update()
+                if self.global_step % c.log.every_steps == 0 or self.step_in_epoch == spe:
+                    self.epoch_time += time.perf_counter() - t0
+                    self.log_interval(bar)
+                    t0 = time.perf_counter()
+                if self.step_in_epoch < spe and self.preemption.agreed():
+                    bar.close()
+                    return self.stop()
+                if every_ckpt and self.global_step % every_ckpt == 0 and self.step_in_epoch < spe:
+                    self.save()
+            bar.close()
+            self.end_epoch()
+            if self.preemption.drain() and self.epoch < c.train.epochs:
+                return self.stop(saved=True)
+        return "done"
+
+    def log_interval(self, bar) -> None:
+        """Sum the interval's metrics over ranks (the one collective and host sync of the interval) and log."""
+        loss_sum, correct = all_reduce_sum(self.interval).tolist()
+        n = self.interval_steps * self.cfg.train.batch_size
+        self.epoch_sums = [self.epoch_sums[0] + loss_sum, self.epoch_sums[1] + correct, self.epoch_sums[2] + n]
+        self.interval.zero_()
+        self.interval_steps = 0
+        lr = self.scheduler.get_last_lr()[0]
+        bar.set_postfix_str(f"loss {loss_sum / n:.4f} lr {lr:.4g}")
+        self.logger.log({"kind": "step", "epoch": self.epoch, "step": self.global_step,
+                         "train/loss": loss_sum / n, "train/acc": correct / n, "lr": lr})
+
+    def end_epoch(self) -> None:
+        loss_sum, correct, n = self.epoch_sums
+        record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, "world_size": self.env.world_size,
+                  "train/loss": loss_sum / n, "train/acc": correct / n, "lr": self.scheduler.get_last_lr()[0],
+                  "images_per_s": n / self.epoch_time}
+        result = self.evaluate()
+        record.update({k: v for k, v in result.items() if k != "confusion"})
+        self.history.append({"epoch": self.epoch, "confusion": result["confusion"]})
+        self.logger.log(record)
+        self.epoch += 1
+        self.step_in_epoch, self.epoch_sums, self.epoch_time = 0, [0.0, 0.0, 0], 0.0
+        self.save()
+
+    def evaluate(self) -> dict:
+        return evaluate_model(self.model, self.test_x, self.test_y, self.env, self.cfg.data.resize,
+                              self.cfg.data.eval_batch_size, self.autocast, self.cfg.model.num_classes)
+
+    def stop(self, saved: bool = False) -> str:
+        self.preemption.drain()
+        if not saved:
+            self.save()
+        if self.env.is_main:
+            print(f"preempted: checkpoint saved at step {self.global_step}; "
+                  "the same command resumes from it", flush=True)
+        return "preempted"
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly (all ranks take part: it gathers RNG states)."""
+        loss_sum, correct = all_reduce_sum(self.interval.clone()).tolist()  # partial interval, summed over ranks
+        rngs = [None] * self.env.world_size
+        if self.env.distributed:
+            dist.all_gather_object(rngs, rng_state(self.gen))
+        else:
+            rngs[0] = rng_state(self.gen)
+        return {
+            "model": self.model.state_dict(),  # the unwrapped module: no "module." prefixes
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                         "sampler_epoch": self.epoch, "sampler_position": self.step_in_epoch * self.cfg.train.batch_size,
+                         "interval": [loss_sum, correct], "interval_steps": self.interval_steps,
+                         "epoch_sums": list(self.epoch_sums), "epoch_time": self.epoch_time},
+            "rng": rngs,
+            "config": self.cfg.to_dict(),
+            "world_size": self.env.world_size,
+            "wandb_id": self.wandb_id,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved_model = state["config"]["model"]
+        if saved_model != self.cfg.to_dict()["model"]:
+            raise checkpoint.CheckpointError(f"checkpoint model config {saved_model} differs from this run's "
+                                             f"{self.cfg.to_dict()['model']}: refusing to load it")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        p = state["progress"]
+        self.epoch, self.step_in_epoch, self.global_step = p["epoch"], p["step_in_epoch"], p["global_step"]
+        # progress counts global batches and the interval sums are global: both carry over to another world size
+        self.interval.zero_()
+        if self.env.is_main:  # the partial interval was summed over ranks: rank 0 carries it alone
+            self.interval += torch.tensor(p["interval"], dtype=torch.float64, device=self.interval.device)
+        self.interval_steps = p["interval_steps"]
+        self.epoch_sums, self.epoch_time = list(p["epoch_sums"]), p["epoch_time"]
+        rngs = state["rng"]
+        if self.env.rank < len(rngs):
+            set_rng_state(rngs[self.env.rank], self.gen)
+        else:  # a new rank after a resize: a fresh stream, derived from the step so it differs from all others
+            self.gen.manual_seed(self.cfg.run.seed * 100_003 + self.env.rank + 7919 * self.global_step)
+        self.wandb_id = state.get("wandb_id")
+        self.history = list(state.get("history", []))
+
+    def save(self) -> None:
+        state = self.state_dict()  # collective: every rank calls save() at the same step
+        if self.env.is_main and self.run_dir is not None:
+            checkpoint.save(state, self.run_dir / "checkpoints", self.global_step, self.cfg.checkpoint.keep)

@@ -1,0 +1,63 @@
+"""Shared test helpers: the real Fashion-MNIST prepared once, and real launchers run as subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    from resnet_dist.data import prepare
+    root = tmp_path_factory.mktemp("data")
+    prepare(str(root))
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra) -> dict:
+    """The environment of a launched job: no inherited launcher variables, W&B off unless asked, 1 thread."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCHELASTIC_", "ACCELERATE_", "WANDB_"))
+           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def torchrun(nproc: int, *extra_launcher_args: str) -> list[str]:
+    return [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
+            "--rdzv-endpoint=localhost:0", *extra_launcher_args, "-m", "resnet_dist.train"]
+
+
+def small_run(data_root: Path, run_dir: Path, name: str, *overrides: str) -> list[str]:
+    """Overrides for a short run on a subset of the real data."""
+    return [f"data.root={data_root}", f"run.dir={run_dir}", f"run.name={name}", "data.train_subset=512",
+            "data.test_subset=999", "train.batch_size=64", "train.epochs=2", "log.every_steps=3",
+            "data.eval_batch_size=256", *overrides]
+
+
+def run(cmd: list[str], timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def read_metrics(run_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def epochs(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("kind") == "epoch"]

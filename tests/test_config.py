@@ -1,0 +1,122 @@
+import glob
+import subprocess
+
+import pytest
+import yaml
+
+from resnet_dist import config
+from resnet_dist.config import ConfigError
+
+from .conftest import PY, REPO, clean_env
+
+
+def test_defaults_are_the_original_recipe_numbers():
+    cfg = config.load(world_size=1)
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs) == (0.05, 256, 10)
+    assert cfg.run.dir == "runs" and cfg.data.root == "data" and cfg.checkpoint.resume == "auto"
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 0.2\n  epochs: 3\ndata:\n  train_subset: 100\n")
+    cfg = config.load(str(f), ["train.lr=0.3", "data.train_subset=null", "run.name=1234", "train.momentum=0"],
+                      world_size=1)
+    assert cfg.train.lr == 0.3 and cfg.train.epochs == 3
+    assert cfg.data.train_subset is None
+    assert cfg.run.name == "1234"  # a job id given as a number is still a name
+    assert isinstance(cfg.train.momentum, float)
+
+
+def test_dotted_keys_inside_yaml_and_sections(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train.lr: 0.5\nlog:\n  wandb:\n    mode: offline\n")
+    cfg = config.load(str(f), world_size=1)
+    assert cfg.train.lr == 0.5 and cfg.log.wandb.mode == "offline"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.lrr=0.1", "train.lrr"),
+    ("nope=1", "'nope'"),
+    ("train.lr=abc", "train.lr"),
+    ("train.lr=-1", "train.lr"),
+    ("train.lr=0", "train.lr"),
+    ("train.epochs=1.5", "train.epochs"),
+    ("train.epochs=true", "train.epochs"),
+    ("train.precision=fp8", "train.precision"),
+    ("model.stem=vgg", "model.stem"),
+    ("data.erasing=1.5", "data.erasing"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.lr=null", "train.lr"),
+    ("train=3", "'train'"),
+    ("train.lr.x=1", "train.lr"),
+    ("justtext", "KEY=VALUE"),
+    ("train.nesterov=true", "train.nesterov"),
+    ("checkpoint.resume=/no/such/file.pt", "checkpoint.resume"),
+    ("data.mirror=/no/such/dir", "data.mirror"),
+])
+def test_each_bad_value_names_its_key(override, words):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [override], world_size=1)
+    assert words in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_batch_must_divide_over_world_size():
+    config.load(None, ["train.batch_size=96"], world_size=3)
+    with pytest.raises(ConfigError, match="divisible by the world size"):
+        config.load(None, ["train.batch_size=100"], world_size=3)
+
+
+def test_bad_yaml_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(str(bad), world_size=1)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        config.load(str(lst), world_size=1)
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(str(tmp_path / "missing.yaml"), world_size=1)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "configs" / "*.yaml"))))
+def test_every_shipped_config_loads(path):
+    cfg = config.load(path, world_size=1)
+    # round trip: the resolved config written to a run directory loads back to the same values
+    again = config.Config()
+    for k, v in yaml.safe_load(config.to_yaml(cfg)).items():
+        config._set(again, k, v)
+    assert again == cfg
+
+
+def test_seed_config_is_the_original_recipe():
+    cfg = config.load(str(REPO / "configs" / "seed.yaml"), world_size=1)
+    assert cfg.data.resize == 224 and cfg.model.stem == "imagenet" and cfg.model.init == "xavier"
+    assert (cfg.train.lr, cfg.train.momentum, cfg.train.batch_size, cfg.train.epochs) == (0.05, 0.0, 256, 10)
+    assert cfg.train.schedule == "constant" and not cfg.data.flip and cfg.data.crop_padding == 0
+
+
+def test_cli_usage_error_exits_2_with_one_line_and_no_run_dir(tmp_path):
+    proc = subprocess.run([PY, "-m", "resnet_dist.train", f"run.dir={tmp_path / 'runs'}", "train.precision=fp8"],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "train.precision" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_batch_not_divisible_under_a_launcher_env_exits_2(tmp_path):
+    env = clean_env(WORLD_SIZE=3, RANK=0, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=1)
+    proc = subprocess.run([PY, "-m", "resnet_dist.train", f"run.dir={tmp_path / 'runs'}", "train.batch_size=256"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "divisible" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_print_config_exits_0_without_training(tmp_path):
+    proc = subprocess.run([PY, "-m", "resnet_dist.train", "--print-config", "train.lr=0.2",
+                           f"run.dir={tmp_path / 'runs'}"],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert yaml.safe_load(proc.stdout)["train"]["lr"] == 0.2
+    assert not (tmp_path / "runs").exists()

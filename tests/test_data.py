@@ -1,0 +1,179 @@
+import gzip
+import multiprocessing as mp
+import shutil
+
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from resnet_dist import data
+from resnet_dist.config import DataConfig
+
+
+def test_prepared_files_are_the_published_ones(data_root):
+    raw = data_root / "FashionMNIST" / "raw"
+    for name, want in data.FILES.items():
+        assert data.md5(raw / name) == want
+    x, y = data.load_split(raw, "train")
+    assert x.shape == (60000, 1, 28, 28) and x.dtype == torch.uint8
+    assert torch.bincount(y).tolist() == [6000] * 10
+    xt, yt = data.load_split(raw, "test", subset=123)
+    assert xt.shape == (123, 1, 28, 28) and yt.shape == (123,)
+
+
+def test_torchvision_reads_the_same_layout(data_root):
+    from torchvision.datasets import FashionMNIST
+    ds = FashionMNIST(str(data_root), train=False, download=False)
+    x, y = data.load_split(data_root / "FashionMNIST" / "raw", "test")
+    assert torch.equal(ds.data, x[:, 0]) and torch.equal(ds.targets, y)
+
+
+def _mirror_with(tmp_path, corrupt: bool):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name in data.FILES:
+        shutil.copy(f"{data.DEBIAN_MIRROR}/{name}.gz", mirror / f"{name}.gz")
+    if corrupt:
+        with gzip.open(mirror / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(b"\x00\x00\x08\x01" + b"\x00" * 100)
+    return mirror
+
+
+def test_corrupt_mirror_is_refused_and_leaves_nothing(tmp_path):
+    mirror = _mirror_with(tmp_path, corrupt=True)
+    with pytest.raises(data.DataError, match="wrong MD5"):
+        data.prepare(str(tmp_path / "root"), str(mirror))
+    assert not (tmp_path / "root" / "FashionMNIST" / "raw").exists()
+    assert [p.name for p in (tmp_path / "root" / "FashionMNIST").iterdir()] == []  # no temp dir, no lock left
+
+
+def test_missing_mirror_file_is_one_clear_error(tmp_path):
+    mirror = _mirror_with(tmp_path, corrupt=False)
+    (mirror / "train-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(data.DataError, match="lacks train-images"):
+        data.prepare(str(tmp_path / "root"), str(mirror))
+
+
+def _prepare_worker(root, mirror, barrier, out):
+    barrier.wait()
+    try:
+        out.put(str(data.prepare(root, mirror)))
+    except Exception as e:  # noqa: BLE001
+        out.put(f"error {e}")
+
+
+def test_concurrent_prepare_leaves_one_intact_copy(tmp_path):
+    mirror = _mirror_with(tmp_path, corrupt=False)
+    ctx = mp.get_context("fork")
+    barrier, out = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_prepare_worker, args=(str(tmp_path / "root"), str(mirror), barrier, out))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    raw = tmp_path / "root" / "FashionMNIST" / "raw"
+    assert results == [str(raw)] * 3
+    assert sorted(p.name for p in raw.iterdir()) == sorted(data.FILES)
+    assert sorted(p.name for p in raw.parent.iterdir()) == ["raw"]  # no second copy, temp dir or lock left
+    for name, want in data.FILES.items():
+        assert data.md5(raw / name) == want
+
+
+def test_lock_of_a_dead_process_is_broken(tmp_path):
+    lock = tmp_path / "lk"
+    lock.mkdir()
+    (lock / "owner").write_text(f"{__import__('socket').gethostname()} 999999999")
+    with data.dir_lock(lock, timeout_s=5):
+        assert (lock / "owner").read_text().endswith(str(__import__("os").getpid()))
+    assert not lock.exists()
+
+
+def test_live_lock_times_out_with_a_clear_message(tmp_path):
+    lock = tmp_path / "lk"
+    lock.mkdir()
+    (lock / "owner").write_text(f"otherhost 1")
+    with pytest.raises(data.DataError, match="waited"):
+        with data.dir_lock(lock, timeout_s=0.5):
+            pass
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_train_shards_disjoint_covering_and_seeded(world):
+    n, seed, epoch = 1000, 7, 3
+    shards = []
+    for rank in range(world):
+        s = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        s.set_epoch(epoch)
+        shards.append(list(s))
+    flat = [i for sh in shards for i in sh]
+    assert len(flat) == len(set(flat)) == (n // world) * world  # disjoint, equal sizes, drop_last drops < world
+    again = DistributedSampler(range(n), num_replicas=world, rank=0, shuffle=True, seed=seed, drop_last=True)
+    again.set_epoch(epoch)
+    assert list(again) == shards[0]  # the same permutation for a seed and an epoch, in any process
+    again.set_epoch(epoch + 1)
+    assert list(again) != shards[0]
+
+
+def test_train_batches_cover_each_rank_shard_per_epoch(data_root):
+    raw = data_root / "FashionMNIST" / "raw"
+    x, y = data.load_split(raw, "train", subset=600)
+    seen = []
+    for rank in range(2):
+        tb = data.TrainBatches(x, y, 50, rank, 2, seed=1, cfg=DataConfig())
+        assert tb.steps_per_epoch == 6
+        seen += [yb for _, yb in tb.epoch(0, torch.Generator().manual_seed(0))]
+    assert torch.equal(torch.sort(torch.cat(seen)).values, torch.sort(y).values)
+    # resuming at step 4 yields exactly the last two batches of the uninterrupted epoch
+    tb = data.TrainBatches(x, y, 50, 0, 2, seed=1, cfg=DataConfig())
+    full = [yb for _, yb in tb.epoch(0, torch.Generator())]
+    tail = [yb for _, yb in tb.epoch(0, torch.Generator(), start_step=4)]
+    assert len(tail) == 2 and all(torch.equal(a, b) for a, b in zip(full[4:], tail))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_eval_shards_cover_exactly_once(world):
+    for n in (999, 1000, 10000, 5):
+        idx = [i for r in range(world) for i in range(n)[data.eval_shard(n, r, world)]]
+        assert idx == list(range(n))
+
+
+def test_augment_is_batched_seeded_and_label_preserving_in_shape():
+    x = torch.randn(64, 1, 28, 28)
+    a = data.augment(x, torch.Generator().manual_seed(0), padding=4, flip=True, erasing=0.5)
+    b = data.augment(x, torch.Generator().manual_seed(0), padding=4, flip=True, erasing=0.5)
+    c = data.augment(x, torch.Generator().manual_seed(1), padding=4, flip=True, erasing=0.5)
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(data.augment(x, torch.Generator(), 0, False, 0.0), x)
+
+
+def test_crop_is_a_shift_of_the_padded_image():
+    x = torch.arange(2 * 5 * 5, dtype=torch.float).view(2, 1, 5, 5)
+    out = data.augment(x, torch.Generator().manual_seed(3), padding=2, flip=False, erasing=0.0)
+    fill = (0.0 - data.MEAN) / data.STD
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=fill)
+    for i in range(2):  # each output is some 5x5 window of its own padded image
+        windows = [padded[i, 0, r:r + 5, c:c + 5] for r in range(5) for c in range(5)]
+        assert any(torch.equal(out[i, 0], w) for w in windows)
+
+
+def test_flip_flips_about_half():
+    x = torch.randn(1000, 1, 4, 4)
+    out = data.augment(x, torch.Generator().manual_seed(0), padding=0, flip=True, erasing=0.0)
+    flipped = (out == x.flip(-1)).flatten(1).all(1) & ~(out == x).flatten(1).all(1)
+    assert 400 < int(flipped.sum()) < 600
+
+
+def test_erasing_zeroes_one_rectangle_per_chosen_image():
+    x = torch.ones(200, 1, 28, 28)
+    out = data.augment(x, torch.Generator().manual_seed(0), padding=0, flip=False, erasing=1.0)
+    zeroed = (out == 0).flatten(1).sum(1)
+    assert (zeroed > 0).all() and (zeroed < 28 * 28 * 0.5).all()
+
+
+def test_resize_to_224():
+    x = torch.zeros(3, 1, 28, 28, dtype=torch.uint8)
+    assert data.normalize(x, 224).shape == (3, 1, 224, 224)
+    assert data.normalize(x, None).shape == (3, 1, 28, 28)

@@ -1,0 +1,36 @@
+"""The real program, end to end: a single process and torchrun with 2 gloo ranks on real data."""
+from .conftest import PY, epochs, read_metrics, run, small_run, torchrun
+
+EPOCH_KEYS = {"epoch", "step", "world_size", "train/loss", "train/acc", "test/loss", "test/acc", "test/samples",
+              "images_per_s"}
+
+
+def check_run(run_path, world_size, n_epochs=2, test_samples=999):
+    recs = read_metrics(run_path)
+    ep = epochs(recs)
+    assert [r["epoch"] for r in ep] == list(range(n_epochs))  # exactly one record per epoch: one writer
+    for r in ep:
+        assert EPOCH_KEYS <= r.keys()
+        assert r["world_size"] == world_size and r["test/samples"] == test_samples
+        assert 0 <= r["test/acc"] <= 1 and r["images_per_s"] > 0
+    steps = [r["step"] for r in recs]
+    assert steps == sorted(steps) and len(steps) == len(set(s for s in steps)) + len(ep)  # epoch rows repeat a step
+    assert (run_path / "config.yaml").is_file() and (run_path / "checkpoints" / "last.pt").is_file()
+    return ep
+
+
+def test_single_process_run(tmp_path, data_root):
+    proc = run([PY, "-m", "resnet_dist.train", *small_run(data_root, tmp_path, "one")])
+    assert proc.returncode == 0, proc.stderr
+    assert "launcher=none world_size=1" in proc.stdout
+    ep = check_run(tmp_path / "one", world_size=1)
+    assert ep[-1]["step"] == 2 * 512 // 64
+
+
+def test_torchrun_two_ranks(tmp_path, data_root):
+    proc = run(torchrun(2) + small_run(data_root, tmp_path, "two"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("resnet_dist: launcher=torchrun world_size=2") == 1  # only rank 0 speaks
+    assert proc.stdout.count("epoch 2 step") == 1
+    check_run(tmp_path / "two", world_size=2)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
