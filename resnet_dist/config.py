@@ -40,7 +40,8 @@ def checked(default, doc, rule, choices=()):
 @dataclass
 class RunConfig:
     dir: str = knob("runs", "parent folder of run directories")
-    name: Optional[str] = knob(None, "run directory name; null = $SLURM_JOB_ID under SLURM, else a timestamp")
+    name: Optional[str] = knob(None, "run directory name; null = $SLURM_JOB_ID under SLURM, torchrun-<rdzv id> "
+                                     "under torchrun with a rendezvous id, else a timestamp")
     seed: int = knob(0, "base random seed (each rank derives its own augmentation stream)")
 
 
@@ -92,6 +93,7 @@ class CheckpointConfig:
     resume: str = knob("auto", "auto (newest valid checkpoint of the run directory), never, or a path")
     keep: int = checked(2, "how many step checkpoints to keep (last.pt is the newest)", positive)
     every_steps: int = checked(0, "also save every N steps (0 = only at the end of each epoch)", non_negative)
+    requeue: bool = knob(True, "under SLURM, after a preemption signal rank 0 requeues the job (needs sbatch --requeue)")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import os
 import sys
 import time
@@ -26,8 +27,32 @@ def usage_error(msg: str) -> "NoReturn":  # noqa: F821
     sys.exit(2)
 
 
-def run_name(cfg: config.Config) -> str:
-    return cfg.run.name or os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
+def run_name(cfg: config.Config, env=os.environ) -> str:
+    """A name that a restarted or requeued job finds again: the job id, torchrun's run id, else the time."""
+    if cfg.run.name:
+        return cfg.run.name
+    if env.get("SLURM_JOB_ID"):
+        return env["SLURM_JOB_ID"]
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":  # --standalone or --rdzv-id: kept across restarts
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def requeue_slurm_job(env=os.environ) -> None:
+    """Rank 0 puts its own job back in the queue; it resumes from the run directory named after the job."""
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"warning: could not requeue SLURM job {job}: {e}", file=sys.stderr, flush=True)
+        return
+    if proc.returncode == 0:
+        print(f"requeued SLURM job {job}: it resumes from its checkpoint when it starts again", flush=True)
+    else:
+        print(f"warning: could not requeue SLURM job {job} (was it submitted with --requeue?): "
+              f"{(proc.stderr or proc.stdout).strip()}", file=sys.stderr, flush=True)
 
 
 def resume_state(cfg: config.Config, ckpt_dir: Path):
@@ -74,6 +99,8 @@ def main(argv=None) -> int:
         logger.close()
         if env.is_main and outcome == "done":
             print(f"finished: {run_dir}", flush=True)
+        if env.is_main and outcome == "preempted" and cfg.checkpoint.requeue:
+            requeue_slurm_job()
         return 0
     except (checkpoint.CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
