@@ -81,11 +81,18 @@ class TrainConfig:
     precision: str = knob("auto", "auto, bf16, fp16 or fp32 (auto: bf16 / fp16 on GPU, fp32 on CPU)",
                           choices=("auto", "bf16", "fp16", "fp32"))
     channels_last: bool = knob(True, "channels_last memory format (CUDA only)")
+    compile: bool = knob(False, "torch.compile the model (CUDA: ~1.2x after a one-off warm-up)")
+    ema_decay: float = checked(0.0, "evaluate an exponential moving average of the weights with this decay (0 = off)",
+                               fraction)
+    tta_flip: bool = knob(False, "test-time augmentation: average the logits of each image and its mirror")
 
 
 @dataclass
 class DistConfig:
     timeout_s: int = checked(600, "collective timeout in seconds: a dead peer fails the others after this", positive)
+    bucket_mb: int = checked(25, "DDP gradient bucket size in MiB (ResNet-18 has ~45 MB of fp32 gradients)", positive)
+    grad_compression: str = knob("none", "DDP communication hook: none, or bf16 (halves all-reduce bytes)",
+                                 choices=("none", "bf16"))
 
 
 @dataclass
