@@ -105,10 +105,14 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = knob("disabled", "online, offline or disabled; WANDB_MODE in the environment wins",
-                     choices=("online", "offline", "disabled"))
+    mode: str = knob("auto", "auto (online if an API key is configured, else offline), online, offline or disabled; "
+                             "WANDB_MODE in the environment wins", choices=("auto", "online", "offline", "disabled"))
     project: str = knob("resnet_dist", "W&B project")
     entity: Optional[str] = knob(None, "W&B entity (team or user); null = your default")
+    group: Optional[str] = knob(None, "W&B group; null = $SLURM_JOB_ID, else the run name")
+    name: Optional[str] = knob(None, "W&B run display name; null = the run name (run directory)")
+    tags: list[str] = knob([], "W&B tags, e.g. log.wandb.tags=[baseline,bf16]")
+    init_timeout_s: int = checked(30, "give up connecting to the W&B server after this and log offline", positive)
 
 
 @dataclass
@@ -156,6 +160,11 @@ def _set(node, dotted: str, value, path: str = "") -> None:
 
 
 def _coerce(key: str, hint, value, meta):
+    if typing.get_origin(hint) is list:  # list[str]: a YAML list of scalars
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item, v, {}) for i, v in enumerate(value)]
     optional = type(None) in typing.get_args(hint)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     if value is None:

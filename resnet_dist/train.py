@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, config, distributed
+from . import checkpoint, config, distributed, wandb_logger
 from .data import DataError
 from .trainer import Trainer
 from .metrics import ConsoleLogger, JsonlLogger, MultiLogger, NullLogger, truncate_jsonl
@@ -55,6 +55,15 @@ def requeue_slurm_job(env=os.environ) -> None:
               f"{(proc.stderr or proc.stdout).strip()}", file=sys.stderr, flush=True)
 
 
+def write_plots(run_dir: Path, history: list) -> None:
+    """curves.png and confusion.png in the run directory, for runs watched without W&B; never fatal."""
+    try:
+        from .plots import write_run_plots  # matplotlib: imported by rank 0 only, at the end
+        write_run_plots(run_dir, history)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: could not write the PNG plots ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+
+
 def resume_state(cfg: config.Config, ckpt_dir: Path):
     """The checkpoint to resume from per `checkpoint.resume`, or None for a fresh start."""
     if cfg.checkpoint.resume == "never":
@@ -82,20 +91,27 @@ def main(argv=None) -> int:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
         state = resume_state(cfg, run_dir / "checkpoints")
-        logger = NullLogger()
+        logger, wb = NullLogger(), None
         if env.is_main:
             if state is not None:
                 truncate_jsonl(run_dir / "metrics.jsonl", state["progress"]["global_step"])
-            logger = MultiLogger(ConsoleLogger(), JsonlLogger(run_dir / "metrics.jsonl"))
+            # W&B continues the checkpoint's run (same id, its steps go on); None when W&B is off
+            wb = wandb_logger.start(cfg, run_dir, run_dir.name, state.get("wandb_id") if state else None)
+            logger = MultiLogger(ConsoleLogger(), JsonlLogger(run_dir / "metrics.jsonl"), *([wb] if wb else []))
         trainer = Trainer(cfg, env, run_dir, logger)
         if state is not None:
             trainer.load_state_dict(state)
+        if wb is not None:
+            wb.attach(trainer)  # for the confusion matrix and the misclassified images of each epoch
+            trainer.wandb_id = wb.id  # the next checkpoint stores it: a resumed or requeued job continues this run
         if env.is_main:
             print(f"resnet_dist: launcher={env.launcher} world_size={env.world_size} nodes={env.num_nodes} "
                   f"backend={env.backend or 'none'} device={env.device} precision={trainer.precision} "
                   f"run_dir={run_dir} " + (f"resumed at step {trainer.global_step}" if state else "fresh start"),
                   flush=True)
         outcome = trainer.fit()
+        if env.is_main:
+            write_plots(run_dir, trainer.history)
         logger.close()
         if env.is_main and outcome == "done":
             print(f"finished: {run_dir}", flush=True)

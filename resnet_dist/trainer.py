@@ -247,8 +247,19 @@ class Trainer:
         self.interval_steps = 0
         lr = self.scheduler.get_last_lr()[0]
         bar.set_postfix_str(f"loss {loss_sum / n:.4f} lr {lr:.4g}")
-        self.logger.log({"kind": "step", "epoch": self.epoch, "step": self.global_step,
-                         "train/loss": loss_sum / n, "train/acc": correct / n, "lr": lr})
+        # images/s of the interval, from epoch_time (training only: evaluation and epoch-end checkpoints excluded);
+        # the first interval after a resume has no mark and reports the epoch's mean so far
+        images, secs = self.epoch_sums[2], self.epoch_time
+        mark = getattr(self, "_log_mark", None)  # (epoch, images, seconds) at this epoch's previous log
+        if mark is not None and mark[0] == self.epoch:
+            images, secs = images - mark[1], secs - mark[2]
+        self._log_mark = (self.epoch, self.epoch_sums[2], self.epoch_time)
+        record = {"kind": "step", "epoch": self.epoch, "step": self.global_step,
+                  "train/loss": loss_sum / n, "train/acc": correct / n, "lr": lr,
+                  "images_per_s": images / secs if secs > 0 else 0.0}
+        if self.env.device.type == "cuda":
+            record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+        self.logger.log(record)
 
     def end_epoch(self) -> None:
         loss_sum, correct, n = self.epoch_sums

@@ -1,0 +1,217 @@
+"""W&B on rank 0: one run per job, continued across resumes and requeues, never fatal, never holding the key.
+
+Mode (`log.wandb.mode`, `WANDB_MODE` in the environment wins): `auto` is online when an API key is
+configured (WANDB_API_KEY, or a netrc entry for the W&B host) and offline otherwise. Online mode that
+cannot reach the server (no network, bad key, init timeout) becomes one warning line and an offline run
+with the same id, which `wandb sync` uploads later. A logging error later on is one warning, then W&B is
+off for the rest of the run: training never stops for it.
+
+W&B steps are the trainer's global steps. Step records log as they are (train/loss, train/acc, lr,
+images_per_s, ...). Epoch records log test/* as they are, and the epoch's train means as
+train/epoch_loss and train/epoch_acc (so they do not overwrite the interval values logged at the same
+step), plus the test confusion matrix (a W&B confusion-matrix chart) and a few misclassified test images.
+"""
+from __future__ import annotations
+
+import netrc
+import os
+import secrets
+import shutil
+import socket
+import string
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .data import CLASSES, normalize
+from .metrics import NullLogger
+
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+EPOCH_KEYS = {"train/loss": "train/epoch_loss", "train/acc": "train/epoch_acc",
+              "images_per_s": "epoch_images_per_s", "lr": None, "kind": None, "step": None}
+STEP_KEYS = {"kind": None, "step": None}
+PANEL_IMAGES, PANEL_SCAN = 16, 256  # show up to 16 errors among the first 256 test images: cheap at any size
+
+
+def warn(msg: str, env=os.environ) -> None:
+    """One line on stderr, with the API key (should any library put it in a message) masked."""
+    key = env.get("WANDB_API_KEY")
+    if key:
+        msg = msg.replace(key, "***")
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def api_key_configured(env=os.environ) -> bool:
+    """True when wandb would find a key: WANDB_API_KEY or a netrc entry for the W&B host."""
+    if env.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(env.get("WANDB_BASE_URL") or DEFAULT_BASE_URL).hostname
+    path = env.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        auth = netrc.netrc(path).authenticators(host) if host and os.path.isfile(path) else None
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def resolve_mode(requested: str, env=os.environ) -> str:
+    """online / offline / disabled: WANDB_MODE wins, then `log.wandb.mode`; `auto` asks for a key."""
+    forced = env.get("WANDB_MODE", "").strip().lower()
+    forced = {"dryrun": "offline", "run": "online"}.get(forced, forced)
+    mode = forced if forced in ("online", "offline", "disabled") else requested
+    if mode == "auto":
+        mode = "online" if api_key_configured(env) else "offline"
+    return mode
+
+
+def unreachable(env=os.environ, timeout_s: float = 5.0) -> str | None:
+    """Why the W&B server cannot be reached, or None. A plain TCP connect: a machine without network
+    fails here in milliseconds instead of in wandb.init's retries. Behind a proxy the proxy decides."""
+    if any(env.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None
+    url = urlparse(env.get("WANDB_BASE_URL") or DEFAULT_BASE_URL)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        return f"cannot reach the W&B server {host}:{port} ({e.strerror or type(e).__name__})"
+    return None
+
+
+def new_run_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def start(cfg, run_dir: Path, run_name: str, run_id: str | None = None, env=os.environ):
+    """A WandbLogger writing under `run_dir/wandb/`, continuing `run_id` if given; None when W&B is off."""
+    mode = resolve_mode(cfg.log.wandb.mode, env)
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+        wandb.setup(settings=wandb.Settings(silent=True))  # our own lines below say what matters
+    except Exception as e:  # noqa: BLE001 - a broken install must not stop training
+        warn(f"W&B is off for this run: {one_line(e)}", env)
+        return None
+    w = cfg.log.wandb
+    run_id = run_id or new_run_id()
+    kwargs = dict(id=run_id, resume="allow", dir=str(run_dir), project=w.project, entity=w.entity,
+                  group=w.group or env.get("SLURM_JOB_ID") or run_name, name=w.name or run_name,
+                  tags=list(w.tags) or None, config=cfg.to_dict())
+    failed = None
+    if mode == "online":
+        failed = unreachable(env, min(5.0, w.init_timeout_s))
+        if failed is None:
+            try:
+                run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=w.init_timeout_s, silent=True),
+                                 **kwargs)
+                print(f"wandb: online run {run.url}", flush=True)
+                return WandbLogger(run, offline=False)
+            except Exception as e:  # noqa: BLE001 - no network, bad key, timeout: all mean "log offline"
+                failed = one_line(e)
+                discard_failed_run(wandb, run_dir, run_id)
+    try:
+        run = wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
+    except Exception as e:  # noqa: BLE001
+        warn(f"W&B is off for this run: {failed + '; then ' if failed else ''}{one_line(e)}", env)
+        return None
+    if failed:
+        warn(f"W&B online logging failed ({failed}); logging offline to {Path(run.dir).parent} instead", env)
+    else:
+        print(f"wandb: logging offline to {Path(run.dir).parent}", flush=True)
+    return WandbLogger(run, offline=True)
+
+
+def discard_failed_run(wandb, run_dir: Path, run_id: str) -> None:
+    """Stop wandb's service (it still holds the failed run's id) and remove the failed run's folder."""
+    try:
+        wandb.teardown()
+    except Exception:  # noqa: BLE001
+        pass
+    for d in (run_dir / "wandb").glob(f"run-*-{run_id}"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@torch.no_grad()
+def misclassified(model, images: torch.Tensor, labels: torch.Tensor, resize, autocast=nullcontext(),
+                  limit: int = PANEL_IMAGES, scan: int = PANEL_SCAN) -> list[tuple]:
+    """(uint8 image, true class, predicted class) for up to `limit` errors among the first `scan` test images.
+
+    Runs on rank 0 alone: the plain module (not DDP) in eval mode has no collectives.
+    """
+    was_training = model.training
+    model.eval()
+    x, y = images[:scan], labels[:scan]
+    inp = normalize(x, resize)
+    if inp.device.type == "cuda":
+        inp = inp.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        pred = model(inp).argmax(1)
+    model.train(was_training)
+    wrong = (pred != y).nonzero().flatten()[:limit].tolist()
+    return [(x[i].reshape(x.shape[-2], x.shape[-1]).cpu().numpy(), int(y[i]), int(pred[i])) for i in wrong]
+
+
+class WandbLogger(NullLogger):
+    """Logs the trainer's records to one W&B run; `attach(trainer)` adds the confusion matrix and error panel."""
+
+    def __init__(self, run, offline: bool):
+        self.run, self.offline, self.trainer = run, offline, None
+        self.id = run.id
+        self.sync_dir = Path(run.dir).parent  # .../wandb/offline-run-<time>-<id>
+
+    def attach(self, trainer) -> None:
+        self.trainer = trainer
+
+    def log(self, record: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            if record.get("kind") == "epoch":
+                data = {EPOCH_KEYS.get(k, k): v for k, v in record.items() if EPOCH_KEYS.get(k, k)}
+                data.update(self.epoch_media(record["epoch"]))
+            else:
+                data = {k: v for k, v in record.items() if k not in STEP_KEYS}
+            self.run.log(data, step=record["step"])
+        except Exception as e:  # noqa: BLE001 - logging must never stop training
+            warn(f"W&B logging failed ({one_line(e)}); W&B is off for the rest of this run")
+            self.run = None
+
+    def epoch_media(self, epoch: int) -> dict:
+        import wandb
+        t, out = self.trainer, {}
+        if t is None:
+            return out
+        if t.history and t.history[-1].get("epoch") == epoch:
+            conf = t.history[-1]["confusion"]
+            rows = [[CLASSES[i], CLASSES[j], conf[i][j]] for i in range(len(conf)) for j in range(len(conf))]
+            table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=rows)
+            out["test/confusion"] = wandb.plot_table(
+                "wandb/confusion_matrix/v1", table,
+                {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+                {"title": f"Test confusion matrix, epoch {epoch + 1}"})
+        errors = misclassified(t.model, t.test_x, t.test_y, t.cfg.data.resize, t.autocast)
+        if errors:
+            out["test/misclassified"] = [wandb.Image(img, caption=f"true: {CLASSES[y]} / predicted: {CLASSES[p]}")
+                                         for img, y, p in errors]
+        return out
+
+    def close(self) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.finish()
+        except Exception as e:  # noqa: BLE001
+            warn(f"W&B could not finish the run cleanly ({one_line(e)})")
+        self.run = None
+        if self.offline:
+            print(f"wandb: offline run saved; upload it with: wandb sync {self.sync_dir}", flush=True)
