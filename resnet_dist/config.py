@@ -159,7 +159,14 @@ def _set(node, dotted: str, value, path: str = "") -> None:
     setattr(node, head, _coerce(key, hints[head], value, fields[head].metadata))
 
 
+class Raw(str):
+    """The text of a KEY=VALUE override: a str key takes it as written (run.name=on stays "on"),
+    any other key parses it as a YAML scalar."""
+
+
 def _coerce(key: str, hint, value, meta):
+    if isinstance(value, Raw):
+        value = _parse_raw(value, hint)
     if typing.get_origin(hint) is list:  # list[str]: a YAML list of scalars
         item = typing.get_args(hint)[0]
         if not isinstance(value, list):
@@ -184,16 +191,32 @@ def _coerce(key: str, hint, value, meta):
     return value
 
 
-def parse_override(text: str) -> tuple[str, object]:
-    """`a.b=VALUE` -> ("a.b", VALUE parsed as a YAML scalar)."""
+def _parse_raw(raw: str, hint):
+    text = raw.strip()
+    if text in ("", "null", "~", "Null", "NULL"):
+        return None
+    if str in typing.get_args(hint) or hint is str:
+        return str(raw)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return str(raw)
+
+
+def parse_override(text: str) -> tuple[str, Raw]:
+    """`a.b=VALUE` -> ("a.b", Raw("VALUE")); the key's type decides how VALUE is read."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override '{text}' is not KEY=VALUE")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
+    return key.strip(), Raw(raw)
+
+
+def from_dict(data: dict, cfg: Optional[Config] = None) -> Config:
+    """Apply a nested or dotted mapping (a YAML file, a checkpoint's config) over `cfg` (default: the defaults)."""
+    cfg = Config() if cfg is None else cfg
+    for k, v in data.items():
+        _set(cfg, str(k), v)
+    return cfg
 
 
 def validate(cfg: Config, world_size: int) -> None:
@@ -223,8 +246,7 @@ def load(path: Optional[str] = None, overrides: typing.Sequence[str] = (), world
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        for k, v in data.items():
-            _set(cfg, str(k), v)
+        from_dict(data, cfg)
     for text in overrides:
         _set(cfg, *parse_override(text))
     if world_size is None:

@@ -35,9 +35,7 @@ def usage_error(msg: str) -> "NoReturn":  # noqa: F821
 def checkpoint_config(state: dict, overrides) -> config.Config:
     """The training run's config (from the checkpoint), then the overrides: no launch checks (the batch
     size of training need not divide this world size, its data.mirror need not exist here)."""
-    cfg = config.Config()
-    for section, values in state["config"].items():
-        config._set(cfg, section, values)
+    cfg = config.from_dict(state["config"])
     for text in overrides:
         config._set(cfg, *config.parse_override(text))
     if cfg.data.mirror is not None and not Path(cfg.data.mirror).is_dir():

@@ -189,7 +189,8 @@ class Trainer:
         self.interval = torch.zeros(2, dtype=torch.float64, device=dev)
         self.interval_steps = 0
         self.epoch_sums = [0.0, 0.0, 0]  # loss sum, correct, images: already reduced over ranks
-        self.epoch_time = 0.0
+        self.epoch_time = self.interval_time = 0.0  # seconds of training (excluding evaluation and saving)
+        self.clock = None
         self.wandb_id = None
         self.history: list[dict] = []
 
@@ -217,46 +218,49 @@ class Trainer:
         while self.epoch < c.train.epochs:
             bar = progress_bar(self.env.is_main, c.log.progress, spe, f"epoch {self.epoch + 1}/{c.train.epochs}",
                                self.step_in_epoch)
-            t0 = time.perf_counter()
+            self.tick()
             for x, y in self.batches.epoch(self.epoch, self.gen, start_step=self.step_in_epoch):
                 self.train_step(x, y)
                 self.step_in_epoch += 1
                 self.global_step += 1
                 bar.update()
                 if self.global_step % c.log.every_steps == 0 or self.step_in_epoch == spe:
-                    self.epoch_time += time.perf_counter() - t0
                     self.log_interval(bar)
-                    t0 = time.perf_counter()
                 if self.step_in_epoch < spe and self.preemption.agreed():
                     bar.close()
                     return self.stop()
                 if every_ckpt and self.global_step % every_ckpt == 0 and self.step_in_epoch < spe:
+                    self.tick()
                     self.save()
+                    self.tick(count=False)
             bar.close()
             self.end_epoch()
             if self.preemption.drain() and self.epoch < c.train.epochs:
                 return self.stop(saved=True)
         return "done"
 
+    def tick(self, count: bool = True) -> None:
+        """Add the time since the last tick to the interval's training time (unless `count` is False)."""
+        now = time.perf_counter()
+        if count and self.clock is not None:
+            self.interval_time += now - self.clock
+        self.clock = now
+
     def log_interval(self, bar) -> None:
         """Sum the interval's metrics over ranks (the one collective and host sync of the interval) and log."""
         loss_sum, correct = all_reduce_sum(self.interval).tolist()
+        self.tick()  # after the sync: the device has finished the interval's work
         n = self.interval_steps * self.cfg.train.batch_size
         self.epoch_sums = [self.epoch_sums[0] + loss_sum, self.epoch_sums[1] + correct, self.epoch_sums[2] + n]
         self.interval.zero_()
         self.interval_steps = 0
         lr = self.scheduler.get_last_lr()[0]
         bar.set_postfix_str(f"loss {loss_sum / n:.4f} lr {lr:.4g}")
-        # images/s of the interval, from epoch_time (training only: evaluation and epoch-end checkpoints excluded);
-        # the first interval after a resume has no mark and reports the epoch's mean so far
-        images, secs = self.epoch_sums[2], self.epoch_time
-        mark = getattr(self, "_log_mark", None)  # (epoch, images, seconds) at this epoch's previous log
-        if mark is not None and mark[0] == self.epoch:
-            images, secs = images - mark[1], secs - mark[2]
-        self._log_mark = (self.epoch, self.epoch_sums[2], self.epoch_time)
+        images_per_s = n / self.interval_time if self.interval_time > 0 else 0.0
+        self.epoch_time += self.interval_time
+        self.interval_time = 0.0
         record = {"kind": "step", "epoch": self.epoch, "step": self.global_step,
-                  "train/loss": loss_sum / n, "train/acc": correct / n, "lr": lr,
-                  "images_per_s": images / secs if secs > 0 else 0.0}
+                  "train/loss": loss_sum / n, "train/acc": correct / n, "lr": lr, "images_per_s": images_per_s}
         if self.env.device.type == "cuda":
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         self.logger.log(record)
@@ -302,7 +306,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "progress": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                         "sampler_epoch": self.epoch, "sampler_position": self.step_in_epoch * self.cfg.train.batch_size,
+                         "sampler_seed": self.batches.sampler.seed, "sampler_epoch": self.epoch,
+                         "sampler_position": self.step_in_epoch * self.cfg.train.batch_size,
                          "interval": [loss_sum, correct], "interval_steps": self.interval_steps,
                          "epoch_sums": list(self.epoch_sums), "epoch_time": self.epoch_time},
             "rng": rngs,
@@ -323,6 +328,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         p = state["progress"]
         self.epoch, self.step_in_epoch, self.global_step = p["epoch"], p["step_in_epoch"], p["global_step"]
+        self.batches.sampler.seed = p["sampler_seed"]  # the run's data order, even if run.seed was changed since
         # progress counts global batches and the interval sums are global: both carry over to another world size
         self.interval.zero_()
         if self.env.is_main:  # the partial interval was summed over ranks: rank 0 carries it alone
