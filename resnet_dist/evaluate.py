@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 from . import checkpoint, config, distributed
@@ -72,22 +71,21 @@ def main(argv=None) -> int:
 
     import torch
     from .model import build_model
-    from .trainer import evaluate_model, resolve_precision
+    from .trainer import autocast_for, evaluate_model, resolve_precision
 
     env = distributed.setup(cfg.dist.timeout_s)
     try:
         raw = prepare(cfg.data.root, cfg.data.mirror)  # one process prepares, under a lock
         test_x, test_y = load_split(raw, "test", cfg.data.test_subset)
         model = build_model(cfg.model)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["ema"]["weights"] if state.get("ema") else state["model"])  # what training evaluated
         model.to(env.device)
         if env.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         precision = resolve_precision(cfg.train.precision, env.device)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        autocast = torch.autocast(env.device.type, dtype=dtype) if dtype else nullcontext()
         result = evaluate_model(model, test_x.to(env.device), test_y.to(env.device), env, cfg.data.resize,
-                                cfg.data.eval_batch_size, autocast, cfg.model.num_classes)
+                                cfg.data.eval_batch_size, autocast_for(precision, env.device), cfg.model.num_classes,
+                                cfg.train.tta_flip)
         if env.is_main:
             summary = {k: v for k, v in result.items() if k != "confusion"}
             summary.update(checkpoint=str(path), step=state["progress"]["global_step"],

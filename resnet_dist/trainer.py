@@ -38,6 +38,12 @@ def resolve_precision(requested: str, device: torch.device, env=None) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def autocast_for(precision: str, device: torch.device):
+    """bf16 / fp16 autocast, or a no-op context for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
 def make_optimizer(model: nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
     """SGD; BatchNorm weights and biases (all 1-d parameters) get no weight decay."""
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -65,7 +71,7 @@ def lr_factor(t, total_steps: int):
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, env: DistEnv, resize,
-                   batch_size: int, autocast=nullcontext(), num_classes: int = 10) -> dict:
+                   batch_size: int, autocast=nullcontext(), num_classes: int = 10, tta_flip: bool = False) -> dict:
     """Exact test metrics: each rank takes an unpadded shard; (loss sum, confusion matrix) is all-reduced once."""
     was_training = model.training
     model.eval()
@@ -79,6 +85,8 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             out = model(x)
+            if tta_flip:  # average the logits of the image and its mirror
+                out = (out.float() + model(x.flip(-1)).float()) / 2
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
         confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes ** 2).double()
     total = all_reduce_sum(torch.cat([loss_sum, confusion])).cpu()
@@ -91,6 +99,41 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     result.update({f"test/acc/{k}": float(a) for k, a in zip(CLASS_KEYS, per_class)})
     result["confusion"] = conf.tolist()
     return result
+
+
+class EMA:
+    """An exponential moving average of the weights and BatchNorm statistics; evaluation uses it."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        self.avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.module = self.avg.module
+
+    def update(self, model: nn.Module) -> None:
+        self.avg.update_parameters(model)  # foreach ops on the device: no host sync
+
+    def state_dict(self) -> dict:
+        return {"weights": self.module.state_dict(), "n_averaged": self.avg.n_averaged}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["weights"])
+        self.avg.n_averaged.copy_(state["n_averaged"])
+
+
+class NoEMA:
+    """EMA switched off: evaluation uses the model itself."""
+
+    def __init__(self, model: nn.Module):
+        self.module = model
+
+    def update(self, model: nn.Module) -> None:
+        pass
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state) -> None:
+        pass
 
 
 class Preemption:
@@ -171,15 +214,21 @@ class Trainer:
         self.channels_last = dev.type == "cuda" and t.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # gradient_as_bucket_view: gradients live in DDP's buckets, saving a copy per step
-        self.ddp = (DDP(self.model, device_ids=[dev] if dev.type == "cuda" else None, gradient_as_bucket_view=True)
-                    if env.distributed else self.model)
+        self.ddp = self.model
+        if env.distributed:
+            # gradient_as_bucket_view: gradients live in DDP's buckets, saving a copy per step
+            self.ddp = DDP(self.model, device_ids=[dev] if dev.type == "cuda" else None,
+                           gradient_as_bucket_view=True, bucket_cap_mb=cfg.dist.bucket_mb)
+            if cfg.dist.grad_compression == "bf16":  # all-reduce bf16 copies of the gradients: half the bytes
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+                self.ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        self.forward = torch.compile(self.ddp) if t.compile else self.ddp
+        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else NoEMA(self.model)
         self.optimizer = make_optimizer(self.model, t, dev)
         self.total_steps = t.epochs * self.batches.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(t, self.total_steps))
         self.precision = resolve_precision(t.precision, dev)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self.autocast = torch.autocast(dev.type, dtype=dtype) if dtype else nullcontext()
+        self.autocast = autocast_for(self.precision, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.precision == "fp16")
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.preemption = Preemption(env)
@@ -199,13 +248,14 @@ class Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast:
-            out = self.ddp(x)
+            out = self.forward(x)
             loss = self.loss_fn(out, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # DDP all-reduces gradients bucket by bucket during backward
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self.ema.update(self.model)
         with torch.no_grad():  # stays on the device: no host sync per step
             self.interval += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double()])
         self.interval_steps += 1
@@ -279,8 +329,9 @@ class Trainer:
         self.save()
 
     def evaluate(self) -> dict:
-        return evaluate_model(self.model, self.test_x, self.test_y, self.env, self.cfg.data.resize,
-                              self.cfg.data.eval_batch_size, self.autocast, self.cfg.model.num_classes)
+        return evaluate_model(self.ema.module, self.test_x, self.test_y, self.env, self.cfg.data.resize,
+                              self.cfg.data.eval_batch_size, self.autocast, self.cfg.model.num_classes,
+                              self.cfg.train.tta_flip)
 
     def stop(self, saved: bool = False) -> str:
         self.preemption.drain()
@@ -302,6 +353,7 @@ class Trainer:
             rngs[0] = rng_state(self.gen)
         return {
             "model": self.model.state_dict(),  # the unwrapped module: no "module." prefixes
+            "ema": self.ema.state_dict(),  # None without EMA; evaluation uses these weights when present
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -323,6 +375,8 @@ class Trainer:
             raise checkpoint.CheckpointError(f"checkpoint model config {saved_model} differs from this run's "
                                              f"{self.cfg.to_dict()['model']}: refusing to load it")
         self.model.load_state_dict(state["model"])
+        if state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -199,7 +199,7 @@ class WandbLogger(NullLogger):
                 "wandb/confusion_matrix/v1", table,
                 {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
                 {"title": f"Test confusion matrix, epoch {epoch + 1}"})
-        errors = misclassified(t.model, t.test_x, t.test_y, t.cfg.data.resize, t.autocast)
+        errors = misclassified(t.ema.module, t.test_x, t.test_y, t.cfg.data.resize, t.autocast)
         if errors:
             out["test/misclassified"] = [wandb.Image(img, caption=f"true: {CLASSES[y]} / predicted: {CLASSES[p]}")
                                          for img, y, p in errors]

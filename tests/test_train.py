@@ -1,4 +1,8 @@
 """The real program, end to end: a single process and torchrun with 2 gloo ranks on real data."""
+import torch
+
+from resnet_dist import checkpoint
+
 from .conftest import PY, epochs, read_metrics, run, small_run, torchrun
 
 EPOCH_KEYS = {"epoch", "step", "world_size", "train/loss", "train/acc", "test/loss", "test/acc", "test/samples",
@@ -34,3 +38,16 @@ def test_torchrun_two_ranks(tmp_path, data_root):
     assert proc.stdout.count("epoch 2 step") == 1
     check_run(tmp_path / "two", world_size=2)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "config.yaml", "confusion.png", "curves.png", "metrics.jsonl"]
+
+
+def test_fast_path_options_train_under_torchrun(tmp_path, data_root):
+    """EMA, flip TTA, a small DDP bucket and the bf16 gradient-compression hook, with 2 gloo ranks."""
+    proc = run(torchrun(2) + small_run(data_root, tmp_path, "fast", "train.epochs=1", "train.ema_decay=0.9",
+                                       "train.tta_flip=true", "dist.bucket_mb=1", "dist.grad_compression=bf16",
+                                       "train.momentum=0.9"))
+    assert proc.returncode == 0, proc.stderr
+    ep = check_run(tmp_path / "fast", world_size=2, n_epochs=1)
+    state = checkpoint.load(tmp_path / "fast" / "checkpoints" / "last.pt")
+    assert state["ema"] is not None and int(state["ema"]["n_averaged"]) == ep[0]["step"]
+    assert any(not torch.equal(v, state["model"][k]) for k, v in state["ema"]["weights"].items()
+               if v.is_floating_point())
