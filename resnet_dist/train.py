@@ -84,7 +84,13 @@ def main(argv=None) -> int:
         print(config.to_yaml(cfg), end="")
         return 0
 
-    env = distributed.setup(cfg.dist.timeout_s)
+    try:
+        env = distributed.setup(cfg.dist.timeout_s)
+    except distributed.LaunchError as e:  # a launch mistake: one line, exit 2, before anything is created
+        usage_error(str(e))
+    if env.is_main:
+        for warning in env.warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     try:
         run_dir = Path(cfg.run.dir) / distributed.broadcast_object(run_name(cfg))
         if env.is_main:

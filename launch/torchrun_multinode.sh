@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# torchrun across several machines (no SLURM): run the same command on every node.
+#
+#   bash launch/torchrun_multinode.sh --nnodes 2 --rdzv head-node:29500 [KEY=VALUE ...]
+#       c10d rendezvous hosted by the agent on head-node (start that one first or within
+#       a few minutes of the others); nodes get their ranks in the order they join
+#   bash launch/torchrun_multinode.sh --nnodes 2 --rdzv head-node:29500 --node-rank 1 [KEY=VALUE ...]
+#       static rendezvous: fixed node ranks, rank 0's node must be head-node
+#
+# The same settings from the environment: NNODES, RDZV (host:port), NODE_RANK, NPROC (processes per
+# node, default: the node's GPUs, else 2 CPU processes), RDZV_ID (c10d only, default resnet-dist),
+# PYTHON (default: the repository's .venv, else python3). Pick a port that is free on the head node;
+# every node must reach head-node:port and each other (set NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME
+# to the interface they share if the default one is wrong; see slurm/train.sh for the NCCL notes).
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+NNODES=${NNODES:-}
+RDZV=${RDZV:-}
+NODE_RANK=${NODE_RANK:-}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nnodes) NNODES=$2; shift 2 ;;
+    --rdzv) RDZV=$2; shift 2 ;;
+    --node-rank) NODE_RANK=$2; shift 2 ;;
+    --nproc) NPROC=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
+if [ -z "$NNODES" ] || [ -z "$RDZV" ] || [[ "$RDZV" != *:* ]]; then
+  echo "usage: $0 --nnodes N --rdzv HOST:PORT [--node-rank R] [--nproc P] [train arguments ...]" >&2
+  echo "       (or NNODES, RDZV, NODE_RANK, NPROC in the environment)" >&2
+  exit 2
+fi
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
+fi
+if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
+  gpus=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c -v -e '^$' -e '^-1$' || true)
+elif command -v nvidia-smi >/dev/null; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+else
+  gpus=0
+fi
+if [ "$gpus" -gt 0 ]; then
+  NPROC=${NPROC:-$gpus}
+else
+  NPROC=${NPROC:-2}
+  cores=$(nproc)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / NPROC > 0 ? cores / NPROC : 1 ))}
+fi
+
+if [ -n "$NODE_RANK" ]; then
+  rdzv=(--node-rank="$NODE_RANK" --master-addr="${RDZV%:*}" --master-port="${RDZV##*:}")
+else
+  rdzv=(--rdzv-backend=c10d --rdzv-endpoint="$RDZV" --rdzv-id="${RDZV_ID:-resnet-dist}")
+fi
+exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC" "${rdzv[@]}" \
+  -m resnet_dist.train "$@"

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Train on a SLURM cluster: srun starts one task per GPU on every node; each task is one rank.
+#
+#   mkdir -p logs && sbatch slurm/train.sh [KEY=VALUE ...]                 (from the repository root)
+#   CONFIG=configs/seed.yaml sbatch slurm/train.sh train.epochs=5          (environment overrides)
+#   sbatch --nodes=4 --time=01:00:00 slurm/train.sh                         (sbatch options override the lines below)
+#
+# The #SBATCH lines are the defaults, in this one place: edit them for your cluster. An option on the
+# sbatch command line wins over the same #SBATCH line.
+#
+# GPUs are requested here (--gpus-per-node) because forgetting them on a GPU cluster would not fail:
+# the tasks would see no GPU and quietly train on CPU. A cluster without GPUs (no "gpu" GRES) rejects
+# any non-zero --gpus-per-node, so there, submit with the CPU layout on the command line; the script
+# itself runs unchanged (gloo instead of NCCL, chosen by the trainer):
+#   sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 slurm/train.sh
+#
+# logs/ must exist before submitting: SLURM does not create it, and a job whose output file cannot
+# be opened fails at launch without writing a line anywhere.
+#
+# Partition / account / QoS: add e.g.  #SBATCH --partition=gpu   #SBATCH --account=myproject
+# (or pass them to sbatch; `sinfo -s` lists partitions, `sacctmgr show assoc user=$USER` accounts).
+#
+#SBATCH --job-name=resnet-dist
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=02:00:00
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+#
+# --ntasks-per-node must equal --gpus-per-node (the trainer exits with one clear line if a node has
+# more tasks than GPUs). --signal=USR1@120: two minutes before the time limit every task gets SIGUSR1;
+# the ranks agree on a step, save a checkpoint, and rank 0 runs `scontrol requeue $SLURM_JOB_ID`
+# (hence --requeue). The requeued job keeps its id, so it finds its run directory (run.name defaults
+# to $SLURM_JOB_ID) and resumes; --open-mode=append keeps the first part of the log.
+#
+# NCCL on real clusters (multi-node):
+#   NCCL_SOCKET_IFNAME=ib0 (or the cluster's fast interface; also GLOO_SOCKET_IFNAME for the CPU-side
+#     groups) when the default route's interface is the slow management network;
+#   NCCL_IB_HCA=mlx5 selects InfiniBand adapters, NCCL_IB_DISABLE=1 forces TCP (diagnosis only);
+#   NCCL_DEBUG=INFO prints the transport chosen (NET/IB vs NET/Socket) at startup: check it once;
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (the default) turns a dead peer into an error, not a hang.
+set -euo pipefail
+
+# sbatch runs a copy of this script from its spool directory: find the repository from the
+# submission directory (submit from the repository root), or set REPO.
+REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+cd "$REPO"
+CONFIG=${CONFIG:-configs/default.yaml}
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
+fi
+CPUS=${SLURM_CPUS_PER_TASK:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS}
+
+echo "job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?} (restart ${SLURM_RESTART_COUNT:-0}): $PYTHON -m resnet_dist.train --config $CONFIG $*"
+# --cpus-per-task is passed on explicitly: since slurm 22.05 srun does not inherit it from sbatch.
+# --kill-on-bad-exit: when one rank fails, stop the others instead of leaving them in a collective.
+srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS" "$PYTHON" -m resnet_dist.train --config "$CONFIG" "$@"
