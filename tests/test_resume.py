@@ -90,22 +90,38 @@ def test_sigkilled_rank_restarts_and_matches_uninterrupted(tmp_path, data_root, 
     assert_same_metrics(read_metrics(tmp_path / "k"), reference)
 
 
-def test_sigusr1_checkpoints_exits_cleanly_and_restart_matches(tmp_path, data_root, reference):
+def preempted_at(out: str) -> int:
+    assert out.count("preempted: checkpoint saved at step") == 1, out
+    return int(out.split("checkpoint saved at step ")[1].split(";")[0])
+
+
+def test_signals_checkpoint_exit_cleanly_and_restarts_match(tmp_path, data_root, reference):
+    """SIGUSR1 to one rank, then SIGTERM to the torchrun agent (which forwards it), then a restart to the end."""
+    args = small_run(data_root, tmp_path, "u", *RESUME)
     tag = uuid.uuid4().hex
-    proc = launch(torchrun(2) + small_run(data_root, tmp_path, "u", *RESUME), TEST_TAG=tag)
+    proc = launch(torchrun(2) + args, TEST_TAG=tag)
     wait_for(tmp_path / "u" / "checkpoints" / "step-00000002.pt", proc)
     os.kill(worker_pid(tag, 1), signal.SIGUSR1)  # one rank only: the other learns it through the agreement
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert out.count("preempted: checkpoint saved at step") == 1
-    stopped_at = int(out.split("checkpoint saved at step ")[1].split(";")[0])
-    assert 2 < stopped_at < 24
+    first = preempted_at(out)
+    assert 2 < first < 24
     state = checkpoint.load(tmp_path / "u" / "checkpoints" / "last.pt")
-    assert state["progress"]["global_step"] == stopped_at and len(state["rng"]) == 2  # both ranks took part
-    assert max(r["step"] for r in read_metrics(tmp_path / "u")) <= stopped_at
-    again = run(torchrun(2) + small_run(data_root, tmp_path, "u", *RESUME))
+    assert state["progress"]["global_step"] == first and len(state["rng"]) == 2  # both ranks took part
+    assert max(r["step"] for r in read_metrics(tmp_path / "u")) <= first
+
+    proc = launch(torchrun(2) + args)
+    wait_for(tmp_path / "u" / "checkpoints" / f"step-{first + 2 - first % 2:08d}.pt", proc)
+    proc.send_signal(signal.SIGTERM)  # to torchrun itself, as SLURM or a container runtime would
+    out, err = proc.communicate(timeout=300)
+    assert f"resumed at step {first}" in out
+    second = preempted_at(out)
+    assert first < second < 24
+    assert checkpoint.load(tmp_path / "u" / "checkpoints" / "last.pt")["progress"]["global_step"] == second
+
+    again = run(torchrun(2) + args)
     assert again.returncode == 0, again.stderr
-    assert f"resumed at step {stopped_at}" in again.stdout
+    assert f"resumed at step {second}" in again.stdout
     assert_same_metrics(read_metrics(tmp_path / "u"), reference)
 
 
