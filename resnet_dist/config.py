@@ -195,8 +195,8 @@ def _parse_raw(raw: str, hint):
     text = raw.strip()
     if text in ("", "null", "~", "Null", "NULL"):
         return None
-    if str in typing.get_args(hint) or hint is str:
-        return str(raw)
+    if hint is str or (typing.get_origin(hint) is typing.Union and str in typing.get_args(hint)):
+        return str(raw)  # str and Optional[str], not list[str]
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -38,9 +38,9 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def torchrun(nproc: int, *extra_launcher_args: str) -> list[str]:
+def torchrun(nproc: int, *extra_launcher_args: str, module: str = "resnet_dist.train") -> list[str]:
     return [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
-            "--rdzv-endpoint=localhost:0", *extra_launcher_args, "-m", "resnet_dist.train"]
+            "--rdzv-endpoint=localhost:0", *extra_launcher_args, "-m", module]
 
 
 def small_run(data_root: Path, run_dir: Path, name: str, *overrides: str) -> list[str]:

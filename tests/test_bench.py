@@ -29,9 +29,7 @@ def test_bench_single_process(tmp_path, data_root, mode):
 
 def test_bench_two_ranks_reports_allreduce_wait_and_stragglers(tmp_path, data_root):
     out = tmp_path / "b.json"
-    cmd = torchrun(2)
-    cmd[cmd.index("resnet_dist.train")] = "resnet_dist.bench"
-    proc = run(cmd + ["--out", str(out), *SHORT, f"data.root={data_root}"])
+    proc = run(torchrun(2, module="resnet_dist.bench") + ["--out", str(out), *SHORT, f"data.root={data_root}"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("images/s total") == 1  # rank 0 only
     r = json.loads(out.read_text())

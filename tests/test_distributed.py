@@ -2,6 +2,8 @@ import pytest
 
 from resnet_dist import distributed
 
+from .conftest import PY, run, torchrun
+
 
 @pytest.mark.parametrize("nodelist, first", [
     ("node1", "node1"), ("gpu[07-09,12]", "gpu07"), ("gpu[3]", "gpu3"), ("a-1,b-2", "a-1"),
@@ -43,3 +45,15 @@ def test_batch_script_without_srun_is_a_single_process():
 
 def test_no_launcher():
     assert distributed.detect({})["world_size"] == 1
+
+
+def test_self_test_all_reduces_correctly_in_a_real_group():
+    proc = run(torchrun(3, module="resnet_dist.distributed") + ["--self-test"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("all_reduce self-test: backend=gloo world_size=3 device=cpu correct") == 1
+
+
+def test_self_test_single_process_and_usage():
+    proc = run([PY, "-m", "resnet_dist.distributed", "--self-test"])
+    assert proc.returncode == 0 and "world_size=1 device=cpu correct" in proc.stdout
+    assert run([PY, "-m", "resnet_dist.distributed"]).returncode == 2

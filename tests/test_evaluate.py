@@ -29,7 +29,7 @@ def trained(tmp_path_factory, data_root):
 def evaluate_cmd(nproc: int) -> list[str]:
     if nproc == 1:
         return [PY, "-m", "resnet_dist.evaluate"]
-    return torchrun(nproc)[:-1] + ["resnet_dist.evaluate"]  # the same launcher, another module
+    return torchrun(nproc, module="resnet_dist.evaluate")
 
 
 def last_json(stdout: str) -> dict:
