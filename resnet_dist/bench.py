@@ -2,7 +2,7 @@
 
 Modes, all on the same model, batch and precision:
   trainer      the real Trainer: on-device batches + augmentation, DDP, metrics (the default)
-  bare         a bare forward/backward/step loop on one fixed batch: the ceiling the trainer is held to
+  bare         a bare forward/backward/step loop on one fixed real batch: the ceiling the trainer is held to
   torchvision  the original input pipeline: torchvision FashionMNIST, per-sample ToTensor (and Resize),
                a DataLoader with worker processes, feeding the bare step
 Works under torchrun (per-rank and total images/s, straggler spread) and on CPU. Prints a table and
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import config, distributed
-from .data import MEAN, STD, prepare
+from .data import MEAN, STD, load_split, normalize, prepare
 from .model import build_model
 from .trainer import Trainer, autocast_for, make_optimizer, resolve_precision
 
@@ -94,11 +94,12 @@ def batches(cfg, env, mode, per_rank, trainer=None, workers=4):
     dev = env.device
     if mode == "trainer":
         return itertools.chain.from_iterable(trainer.batches.epoch(e, trainer.gen) for e in itertools.count())
-    if mode == "bare":
-        size = cfg.data.resize or 28
-        x = torch.randn(per_rank, 1, size, size, device=dev)
-        y = torch.randint(0, cfg.model.num_classes, (per_rank,), device=dev)
-        return itertools.repeat((x, y))
+    if mode == "bare":  # one real batch, normalized (and resized) once, used for every step
+        x, y = load_split(prepare(cfg.data.root, cfg.data.mirror), "train", per_rank)
+        x = normalize(x.to(dev), cfg.data.resize)
+        if dev.type == "cuda" and cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return itertools.repeat((x, y.to(dev)))
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
     prepare(cfg.data.root, cfg.data.mirror)
