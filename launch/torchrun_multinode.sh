@@ -31,23 +31,8 @@ if [ -z "$NNODES" ] || [ -z "$RDZV" ] || [[ "$RDZV" != *:* ]]; then
   echo "       (or NNODES, RDZV, NODE_RANK, NPROC in the environment)" >&2
   exit 2
 fi
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
-fi
-if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
-  gpus=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c -v -e '^$' -e '^-1$' || true)
-elif command -v nvidia-smi >/dev/null; then
-  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-else
-  gpus=0
-fi
-if [ "$gpus" -gt 0 ]; then
-  NPROC=${NPROC:-$gpus}
-else
-  NPROC=${NPROC:-2}
-  cores=$(nproc)
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / NPROC > 0 ? cores / NPROC : 1 ))}
-fi
+source "$REPO/launch/common.sh"
+local_procs
 
 if [ -n "$NODE_RANK" ]; then
   rdzv=(--node-rank="$NODE_RANK" --master-addr="${RDZV%:*}" --master-port="${RDZV##*:}")

@@ -36,9 +36,7 @@ set -euo pipefail
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}   # sbatch runs a copy of this script: submit from the repository root
 cd "$REPO"
 CONFIG=${CONFIG:-configs/default.yaml}
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
-fi
+source "$REPO/launch/common.sh"
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
 [ "$NPROC_PER_NODE" -gt 0 ] || NPROC_PER_NODE=1   # no GPU on the node: one CPU worker per node
 CPUS=${SLURM_CPUS_PER_TASK:-1}
