@@ -64,14 +64,21 @@ def write_plots(run_dir: Path, history: list) -> None:
         print(f"warning: could not write the PNG plots ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
 
-def resume_state(cfg: config.Config, ckpt_dir: Path):
-    """The checkpoint to resume from per `checkpoint.resume`, or None for a fresh start."""
+def resume_state(cfg: config.Config, ckpt_dir: Path, env: distributed.DistEnv):
+    """The checkpoint to resume from per `checkpoint.resume`, or None for a fresh start.
+
+    With `auto`, rank 0 picks the newest valid file (reporting any it skips) and every rank loads that
+    one: ranks never resume from different checkpoints, whatever their view of a shared filesystem.
+    """
     if cfg.checkpoint.resume == "never":
         return None
-    if cfg.checkpoint.resume == "auto":
-        found = checkpoint.load_newest(ckpt_dir)
-        return found[0] if found else None
-    return checkpoint.load(Path(cfg.checkpoint.resume))
+    if cfg.checkpoint.resume != "auto":
+        return checkpoint.load(Path(cfg.checkpoint.resume))
+    found = checkpoint.load_newest(ckpt_dir) if env.is_main else None
+    path = distributed.broadcast_object(str(found[1]) if found else None)
+    if path is None:
+        return None
+    return found[0] if env.is_main else checkpoint.load(Path(path))
 
 
 def main(argv=None) -> int:
@@ -96,7 +103,7 @@ def main(argv=None) -> int:
         if env.is_main:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
-        state = resume_state(cfg, run_dir / "checkpoints")
+        state = resume_state(cfg, run_dir / "checkpoints", env)
         logger, wb = NullLogger(), None
         if env.is_main:
             if state is not None:

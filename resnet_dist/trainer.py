@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import time
@@ -20,14 +21,13 @@ from .config import Config
 from .data import CLASSES, TrainBatches, eval_shard, load_split, normalize, prepare
 from .distributed import DistEnv, all_reduce_sum
 from .metrics import NullLogger, progress_bar
+from .model import build_model
 
 CLASS_KEYS = tuple(c.lower().replace("-", "_").replace("/", "_").replace(" ", "_") for c in CLASSES)
 
 
-def resolve_precision(requested: str, device: torch.device, env=None) -> str:
+def resolve_precision(requested: str, device: torch.device, env=os.environ) -> str:
     """`auto`: what accelerate asked for, else bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
-    import os
-    env = os.environ if env is None else env
     if requested != "auto":
         return requested
     accel = env.get("ACCELERATE_MIXED_PRECISION")
@@ -208,8 +208,6 @@ class Trainer:
                                     env.rank, env.world_size, cfg.run.seed, cfg.data)
         self.gen = torch.Generator(device=dev)
         self.gen.manual_seed(cfg.run.seed * 100_003 + env.rank)  # each rank augments differently
-
-        from .model import build_model
         self.model = build_model(cfg.model).to(dev)
         self.channels_last = dev.type == "cuda" and t.channels_last
         if self.channels_last:
