@@ -84,4 +84,11 @@ def progress_bar(enabled: bool, mode: str, total: int, desc: str, initial: int =
     if not enabled or mode == "lines" or (mode == "auto" and not sys.stdout.isatty()):
         return NullProgress()
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except OSError:
+        size = os.terminal_size((0, 0))
+    # a terminal that reports no size (some `srun --pty` sessions) would hide the bar: assume 100x24
+    sized = size.columns > 0 and size.lines > 0
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=sized,
+                ncols=None if sized else 100, nrows=None if sized else 24)

@@ -140,6 +140,10 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, data_r
     first = run([PY, "-m", "resnet_dist.train"] + args)
     assert first.returncode == 0, first.stderr
     ckpts = tmp_path / "t" / "checkpoints"
+    # saved at steps 3, 6 and 8 (epoch end); checkpoint.keep=2 keeps the newest two
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "step-00000006.pt", "step-00000008.pt"]
+    assert (ckpts / "last.pt").samefile(ckpts / "step-00000008.pt") or \
+        (ckpts / "last.pt").read_bytes() == (ckpts / "step-00000008.pt").read_bytes()
     newest = ckpts / "step-00000008.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     again = run([PY, "-m", "resnet_dist.train"] + small_run(data_root, tmp_path, "t", "train.epochs=2",

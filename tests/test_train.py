@@ -51,3 +51,36 @@ def test_fast_path_options_train_under_torchrun(tmp_path, data_root):
     assert state["ema"] is not None and int(state["ema"]["n_averaged"]) == ep[0]["step"]
     assert any(not torch.equal(v, state["model"][k]) for k, v in state["ema"]["weights"].items()
                if v.is_floating_point())
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_off_it(tmp_path, data_root):
+    import os
+    import pty
+    import subprocess
+
+    from .conftest import REPO, clean_env
+    args = [PY, "-m", "resnet_dist.train", *small_run(data_root, tmp_path, "tty", "train.epochs=1",
+                                                       "data.train_subset=256")]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=120)
+    os.close(master)
+    tty_out = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, tty_out
+    assert "epoch 1/1" in tty_out and "it/s" in tty_out  # tqdm's bar, on rank 0's terminal
+    assert "epoch 1 step 4:" in tty_out  # and the epoch line
+
+    piped = run(args + ["run.name=piped"])  # the later override wins
+    assert piped.returncode == 0, piped.stderr
+    assert "it/s" not in piped.stdout + piped.stderr  # a log file gets plain lines only
+    assert "epoch 1 step 4:" in piped.stdout
