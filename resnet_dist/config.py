@@ -40,8 +40,7 @@ def checked(default, doc, rule, choices=()):
 @dataclass
 class RunConfig:
     dir: str = knob("runs", "parent folder of run directories")
-    name: Optional[str] = knob(None, "run directory name; null = $SLURM_JOB_ID under SLURM, torchrun-<rdzv id> "
-                                     "under torchrun with a rendezvous id, else a timestamp")
+    name: Optional[str] = knob(None, "run directory name; null = $SLURM_JOB_ID under SLURM, else a timestamp")
     seed: int = knob(0, "base random seed (each rank derives its own augmentation stream)")
 
 

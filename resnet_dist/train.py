@@ -27,15 +27,24 @@ def usage_error(msg: str) -> "NoReturn":  # noqa: F821
     sys.exit(2)
 
 
+TORCHRUN_MARK = ".torchrun_id"  # in a run directory: the id of the torchrun job that made it
+
+
 def run_name(cfg: config.Config, env=os.environ) -> str:
-    """A name that a restarted or requeued job finds again: the job id, torchrun's run id, else the time."""
+    """`run.name`, else the SLURM job id (a requeued job keeps it), else a timestamp. A worker group that
+    torchrun restarted (--max-restarts) finds the directory its first attempt made, by torchrun's run id."""
     if cfg.run.name:
         return cfg.run.name
     if env.get("SLURM_JOB_ID"):
         return env["SLURM_JOB_ID"]
-    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":  # --standalone or --rdzv-id: kept across restarts
-        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
-    return time.strftime("%Y%m%d-%H%M%S")
+    torchrun_id = env.get("TORCHELASTIC_RUN_ID", "none")
+    if torchrun_id != "none" and int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        marks = sorted(Path(cfg.run.dir).glob(f"*/{TORCHRUN_MARK}"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for mark in marks:
+            if mark.read_text().strip() == torchrun_id:
+                return mark.parent.name
+    # a random suffix: two runs started in the same second never share (and resume) a directory
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
 def requeue_slurm_job(env=os.environ) -> None:
@@ -103,6 +112,8 @@ def main(argv=None) -> int:
         if env.is_main:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+            if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+                (run_dir / TORCHRUN_MARK).write_text(os.environ["TORCHELASTIC_RUN_ID"])
         state = resume_state(cfg, run_dir / "checkpoints", env)
         logger, wb = NullLogger(), None
         if env.is_main:

@@ -79,15 +79,21 @@ def launch(cmd, **env):
 
 
 def test_sigkilled_rank_restarts_and_matches_uninterrupted(tmp_path, data_root, reference):
+    """No run.name: the restarted workers find their first attempt's directory by torchrun's run id."""
     tag = uuid.uuid4().hex
-    proc = launch(torchrun(2, "--max-restarts=1", "--monitor-interval=0.2") + small_run(data_root, tmp_path, "k", *RESUME),
-                  TEST_TAG=tag)
-    wait_for(tmp_path / "k" / "checkpoints" / "step-00000004.pt", proc)
+    proc = launch(torchrun(2, "--max-restarts=1", "--monitor-interval=0.2", f"--rdzv-id={tag}")
+                  + small_run(data_root, tmp_path, "k", *RESUME, "run.name=null"), TEST_TAG=tag)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("*/checkpoints/step-00000004.pt")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
     os.kill(worker_pid(tag, 1), signal.SIGKILL)  # mid-epoch 0 (8 steps), after the step-4 checkpoint
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "resumed at step" in out  # the second attempt resumed rather than started over
-    assert_same_metrics(read_metrics(tmp_path / "k"), reference)
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]  # one run directory, timestamped
+    assert (run_dir / ".torchrun_id").read_text() == tag
+    assert_same_metrics(read_metrics(run_dir), reference)
 
 
 def preempted_at(out: str) -> int:

@@ -84,3 +84,20 @@ def test_progress_bar_on_a_terminal_and_plain_lines_off_it(tmp_path, data_root):
     assert piped.returncode == 0, piped.stderr
     assert "it/s" not in piped.stdout + piped.stderr  # a log file gets plain lines only
     assert "epoch 1 step 4:" in piped.stdout
+
+
+def test_run_names(tmp_path):
+    from resnet_dist import config
+    from resnet_dist.train import TORCHRUN_MARK, run_name
+    cfg = config.load(None, [f"run.dir={tmp_path}"], world_size=1)
+    assert run_name(config.load(None, ["run.name=mine"], world_size=1), {"SLURM_JOB_ID": "7"}) == "mine"
+    assert run_name(cfg, {"SLURM_JOB_ID": "4242"}) == "4242"  # a requeued job finds its directory
+    a, b = run_name(cfg, {}), run_name(cfg, {})
+    assert a != b and a[:8].isdigit()  # timestamped, and two runs in the same second differ
+    # torchrun restarted the workers: they find the directory of the first attempt by torchrun's run id
+    for name, rid in (("older", "abc"), ("first", "xyz")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / TORCHRUN_MARK).write_text(rid)
+    restarted = {"TORCHELASTIC_RUN_ID": "xyz", "TORCHELASTIC_RESTART_COUNT": "1"}
+    assert run_name(cfg, restarted) == "first"
+    assert run_name(cfg, {**restarted, "TORCHELASTIC_RESTART_COUNT": "0"}) not in ("first", "older")
