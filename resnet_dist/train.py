@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path

@@ -70,6 +70,19 @@ def lr_factor(t, total_steps: int):
 
 
 @torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, resize, autocast=nullcontext(), tta_flip: bool = False):
+    """Float logits of a batch of uint8 images (model in eval mode): normalize, resize, optional flip TTA."""
+    x = normalize(images, resize)
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        out = model(x).float()
+        if tta_flip:  # average the logits of the image and its mirror
+            out = (out + model(x.flip(-1)).float()) / 2
+    return out
+
+
+@torch.no_grad()
 def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, env: DistEnv, resize,
                    batch_size: int, autocast=nullcontext(), num_classes: int = 10, tta_flip: bool = False) -> dict:
     """Exact test metrics: each rank takes an unpadded shard; (loss sum, confusion matrix) is all-reduced once."""
@@ -80,14 +93,8 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=images.device)
     for i in range(shard.start, shard.stop, batch_size):
         j = min(i + batch_size, shard.stop)
-        x, y = normalize(images[i:j], resize), labels[i:j]
-        if env.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            out = model(x)
-            if tta_flip:  # average the logits of the image and its mirror
-                out = (out.float() + model(x.flip(-1)).float()) / 2
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
+        out, y = predict(model, images[i:j], resize, autocast, tta_flip), labels[i:j]
+        loss_sum += F.cross_entropy(out, y, reduction="sum").double()
         confusion += torch.bincount(y * num_classes + out.argmax(1), minlength=num_classes ** 2).double()
     total = all_reduce_sum(torch.cat([loss_sum, confusion])).cpu()
     model.train(was_training)
@@ -266,7 +273,7 @@ class Trainer:
         while self.epoch < c.train.epochs:
             bar = progress_bar(self.env.is_main, c.log.progress, spe, f"epoch {self.epoch + 1}/{c.train.epochs}",
                                self.step_in_epoch)
-            self.tick()
+            self.tick(count=False)  # the previous epoch's evaluation and checkpoint are not training time
             for x, y in self.batches.epoch(self.epoch, self.gen, start_step=self.step_in_epoch):
                 self.train_step(x, y)
                 self.step_in_epoch += 1

@@ -26,8 +26,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from .data import CLASSES, normalize
+from .data import CLASSES
 from .metrics import NullLogger
+from .trainer import predict
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 EPOCH_KEYS = {"train/loss": "train/epoch_loss", "train/acc": "train/epoch_acc",
@@ -143,7 +144,7 @@ def discard_failed_run(wandb, run_dir: Path, run_id: str) -> None:
 
 @torch.no_grad()
 def misclassified(model, images: torch.Tensor, labels: torch.Tensor, resize, autocast=nullcontext(),
-                  limit: int = PANEL_IMAGES, scan: int = PANEL_SCAN) -> list[tuple]:
+                  tta_flip: bool = False, limit: int = PANEL_IMAGES, scan: int = PANEL_SCAN) -> list[tuple]:
     """(uint8 image, true class, predicted class) for up to `limit` errors among the first `scan` test images.
 
     Runs on rank 0 alone: the plain module (not DDP) in eval mode has no collectives.
@@ -151,11 +152,7 @@ def misclassified(model, images: torch.Tensor, labels: torch.Tensor, resize, aut
     was_training = model.training
     model.eval()
     x, y = images[:scan], labels[:scan]
-    inp = normalize(x, resize)
-    if inp.device.type == "cuda":
-        inp = inp.contiguous(memory_format=torch.channels_last)
-    with autocast:
-        pred = model(inp).argmax(1)
+    pred = predict(model, x, resize, autocast, tta_flip).argmax(1)  # as the evaluation predicts
     model.train(was_training)
     wrong = (pred != y).nonzero().flatten()[:limit].tolist()
     return [(x[i].reshape(x.shape[-2], x.shape[-1]).cpu().numpy(), int(y[i]), int(pred[i])) for i in wrong]
@@ -199,7 +196,7 @@ class WandbLogger(NullLogger):
                 "wandb/confusion_matrix/v1", table,
                 {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
                 {"title": f"Test confusion matrix, epoch {epoch + 1}"})
-        errors = misclassified(t.ema.module, t.test_x, t.test_y, t.cfg.data.resize, t.autocast)
+        errors = misclassified(t.ema.module, t.test_x, t.test_y, t.cfg.data.resize, t.autocast, t.cfg.train.tta_flip)
         if errors:
             out["test/misclassified"] = [wandb.Image(img, caption=f"true: {CLASSES[y]} / predicted: {CLASSES[p]}")
                                          for img, y, p in errors]

@@ -66,3 +66,16 @@ def test_ema_follows_the_weights_and_off_is_the_model_itself():
     ema.update(model)
     assert torch.allclose(ema.module.weight, start + 3.0)
     assert NoEMA(model).module is model and NoEMA(model).state_dict() is None
+
+
+def test_predict_normalizes_and_averages_the_mirror_with_flip_tta():
+    from resnet_dist.data import normalize
+    from resnet_dist.trainer import predict
+    torch.manual_seed(0)
+    model = build_model(ModelConfig()).eval()
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    x = normalize(images, None)
+    with torch.no_grad():
+        plain, mirrored = model(x), model(x.flip(-1))
+    assert torch.allclose(predict(model, images, None), plain)
+    assert torch.allclose(predict(model, images, None, tta_flip=True), (plain + mirrored) / 2)
