@@ -98,7 +98,11 @@ class DistConfig:
 class CheckpointConfig:
     resume: str = knob("auto", "auto (newest valid checkpoint of the run directory), never, or a path")
     keep: int = checked(2, "how many step checkpoints to keep (last.pt is the newest)", positive)
-    every_steps: int = checked(0, "also save every N steps (0 = only at the end of each epoch)", non_negative)
+    every_steps: int = checked(0, "also save every N steps (0 = only at epoch ends)", non_negative)
+    every_epochs: int = checked(1, "save at the end of every N-th epoch (the last epoch always saves)", positive)
+    max_overhead: float = checked(0.05, "skip an epoch-end save while saving would take more than this fraction of "
+                                        "the time since the previous save (1 = never skip)", (lambda v: 0 < v <= 1,
+                                                                                              "must be in (0, 1]"))
     requeue: bool = knob(True, "under SLURM, after a preemption signal rank 0 requeues the job (needs sbatch --requeue)")
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import signal
+import socket
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -128,14 +131,15 @@ def check_launch(info: dict, env=os.environ, gpus: int = 0) -> tuple[list[str], 
         errors.append(f"WORLD_SIZE={world} but {missing} is not set: every process needs rank 0's address and "
                       "port (torchrun, srun and accelerate launch set them)")
 
-    # one process per GPU
-    if gpus > 0 and max(info["local_world_size"], info["local_rank"] + 1) > gpus:
-        how = {"srun": "sbatch/srun --ntasks-per-node at most --gpus-per-node; each task must see all of its "
-                       "node's GPUs, so no --gpus-per-task / --gpu-bind",
+    # one process per GPU: a task that sees one GPU uses it (clusters that bind a GPU per task); a task that
+    # sees several uses the one of its local rank, so it must see at least as many as there are local processes
+    needed = max(info["local_world_size"], info["local_rank"] + 1)
+    if 1 < gpus < needed:
+        how = {"srun": "sbatch/srun --ntasks-per-node at most --gpus-per-node, or --gpus-per-task=1 so that each "
+                       "task sees only its own GPU",
                "torchrun": "torchrun --nproc-per-node", "accelerate": "accelerate launch --num_processes"}
-        errors.append(f"{max(info['local_world_size'], info['local_rank'] + 1)} processes on this node but only "
-                      f"{gpus} GPU(s) are visible: start at most one process per GPU "
-                      f"({how.get(launcher, 'one process per GPU')})")
+        errors.append(f"{needed} processes on this node but only {gpus} GPUs are visible to each: start at most one "
+                      f"process per GPU ({how.get(launcher, 'one process per GPU')})")
 
     # torchrun vs srun inside a SLURM allocation
     if launcher in ("torchrun", "accelerate") and in_step:
@@ -169,23 +173,59 @@ def setup(timeout_s: int = 600) -> DistEnv:
     errors, warnings = check_launch(info, os.environ, gpus)
     if errors:
         raise LaunchError("; ".join(errors))
-    if gpus:
-        device = torch.device("cuda", info["local_rank"])
+    device = device_for(info["local_rank"], gpus)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if info["world_size"] == 1:
-        backend = None
-    else:
+    backend = None
+    if info["world_size"] > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = info["master_addr"], str(info["master_port"])
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend=backend, store=rendezvous_store(info, timeout), rank=info["rank"],
-                                world_size=info["world_size"], timeout=timeout,
-                                device_id=device if backend == "nccl" else None)
+        store = rendezvous_store(info, timeout)
+        if gpus == 1 and info["local_world_size"] > 1:  # one GPU per task, unless the tasks all see the same one
+            clash = shared_gpu(exchange(store, "gpu", info["rank"], info["world_size"], gpu_identity(device)))
+            if clash:
+                raise LaunchError(clash)
+        dist.init_process_group(backend=backend, store=store, rank=info["rank"], world_size=info["world_size"],
+                                timeout=timeout, device_id=device if backend == "nccl" else None)
     return DistEnv(rank=info["rank"], local_rank=info["local_rank"], world_size=info["world_size"],
                    launcher=info["launcher"], device=device, backend=backend, num_nodes=info["num_nodes"],
                    warnings=tuple(warnings))
+
+
+def device_for(local_rank: int, gpus: int) -> torch.device:
+    """The CPU without GPUs; cuda:0 when the task sees exactly one GPU (SLURM --gpus-per-task=1, --gpu-bind,
+    or a site that sets CUDA_VISIBLE_DEVICES per task); else the GPU of the local rank (check_launch has
+    made sure there are enough)."""
+    if gpus == 0:
+        return torch.device("cpu")
+    return torch.device("cuda", 0 if gpus == 1 else local_rank)
+
+
+def gpu_identity(device: torch.device) -> str:
+    """Host and GPU UUID: two processes with the same identity would share one GPU."""
+    return f"{socket.gethostname()} {torch.cuda.get_device_properties(device).uuid}"
+
+
+def exchange(store: dist.Store, key: str, rank: int, world_size: int, value: str) -> list[str]:
+    """Every rank's `value`, through the rendezvous store (before any process group exists)."""
+    store.set(f"{key}/{rank}", value)
+    keys = [f"{key}/{r}" for r in range(world_size)]
+    store.wait(keys)
+    return [store.get(k).decode() for k in keys]
+
+
+def shared_gpu(identities: list[str]) -> str | None:
+    """Why the ranks cannot run (two of them see the same single GPU), or None."""
+    first: dict[str, int] = {}
+    for rank, ident in enumerate(identities):
+        if ident in first:
+            host, _, uuid = ident.partition(" ")
+            return (f"ranks {first[ident]} and {rank} both see only GPU {uuid} on {host}: each process sees one GPU "
+                    "but not its own; bind one GPU per task (srun --gpus-per-task=1) or let every process see all "
+                    "of the node's GPUs")
+        first[ident] = rank
+    return None
 
 
 def rendezvous_store(info: dict, timeout: datetime.timedelta, env=os.environ) -> dist.Store:
@@ -235,6 +275,107 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank `src`'s buffers (BatchNorm statistics): each rank's drift apart between DDP's
+    broadcasts, and an evaluation must use one set, the one the checkpoint holds."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for tensors in by_dtype.values():  # one broadcast per dtype, not one per buffer
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.broadcast(flat, src)
+        torch._foreach_copy_(tensors, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+
+
+def rank0_decides(value: bool, device: torch.device) -> bool:
+    """Rank 0's `value` on every rank (for decisions taken from one rank's clock)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (SIGINT too, see train.py) set a flag; all ranks agree to stop at the same step.
+
+    The flag travels on the main process group, not on a second (gloo) group that would have to find its
+    own network interface across nodes: each step every rank all-reduces its flag, and reads the result
+    of step s at step s + lag. The host copy of the result lands in pinned memory behind a CUDA event, so
+    the host waits for it only when it runs more than `lag` steps ahead of the GPU; a signal stops the
+    run at most lag + 1 steps later. One process needs no agreement: the flag is read directly.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, env: DistEnv, lag: int | None = None):
+        self.received = False
+        self.env = env
+        self.cuda = env.device.type == "cuda"
+        self.lag = lag if lag is not None else (2 if self.cuda else 1)
+        self.pending: deque = deque()  # (work or event, tensor holding the reduced flag), oldest first
+
+    def install(self) -> "Preemption":
+        """Take over the signals (entry points call it; a benchmark or a test need not)."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.received = True
+
+    def agreed(self) -> bool:
+        """True on every rank at the same step once any rank got a signal (call it once per step)."""
+        if not self.env.distributed:
+            return self.received
+        flag = torch.full((1,), float(self.received), device=self.env.device)  # a host scalar: no sync
+        work = dist.all_reduce(flag, async_op=True)
+        if self.cuda:
+            work.wait()  # the current stream waits for the all-reduce; the host does not
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self.pending.append((done, host))
+        else:
+            self.pending.append((work, flag))
+        if len(self.pending) <= self.lag:
+            return False
+        return self._read(*self.pending.popleft())
+
+    @staticmethod
+    def _read(waitable, flag: torch.Tensor) -> bool:
+        if isinstance(waitable, torch.cuda.Event):
+            waitable.synchronize()
+        else:
+            waitable.wait()
+        return bool(flag.item() > 0)
+
+    def drain(self) -> bool:
+        """Read every agreement still in flight; True if any of them agreed to stop (the same on every rank)."""
+        if not self.env.distributed:
+            return self.received
+        stop = False
+        while self.pending:
+            stop |= self._read(*self.pending.popleft())
+        return stop
+
+
+class NoPreemption(Preemption):
+    """Signals are not ours to handle (a benchmark, a test): never stops."""
+
+    def __init__(self):
+        self.received, self.pending = False, deque()
+
+    def agreed(self) -> bool:
+        return False
+
+    def drain(self) -> bool:
+        return False
 
 
 def self_test(size_mb: int = 64, iters: int = 5) -> dict:

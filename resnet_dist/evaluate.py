@@ -23,7 +23,7 @@ def parse_args(argv):
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/NAME/checkpoints/last.pt)")
     p.add_argument("--out", help="folder for the JSON and PNG (default: the checkpoint's folder)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.root=/data")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow the overrides
 
 
 def usage_error(msg: str) -> "NoReturn":  # noqa: F821

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import checkpoint, config, distributed, wandb_logger
 from .data import DataError
-from .trainer import Trainer
+from .trainer import Trainer, configure_backends
 from .metrics import ConsoleLogger, JsonlLogger, MultiLogger, NullLogger, truncate_jsonl
 
 
@@ -19,7 +19,7 @@ def parse_args(argv):
     p.add_argument("--config", help="YAML file over the built-in defaults")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=0.1")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may follow the overrides
 
 
 def usage_error(msg: str) -> "NoReturn":  # noqa: F821
@@ -62,6 +62,15 @@ def requeue_slurm_job(env=os.environ) -> None:
     else:
         print(f"warning: could not requeue SLURM job {job} (was it submitted with --requeue?): "
               f"{(proc.stderr or proc.stdout).strip()}", file=sys.stderr, flush=True)
+
+
+def small_batch_warning(device, per_rank: int, world_size: int) -> str | None:
+    """A GPU with fewer than 128 images per step spends its time launching kernels (at 28x28)."""
+    if device.type != "cuda" or per_rank >= 128:
+        return None
+    return (f"{per_rank} images per rank per step (train.batch_size={per_rank * world_size} over {world_size} GPUs): "
+            "at 28x28 a GPU is launch-bound below 128; raise train.batch_size to 128 x GPUs or more and scale "
+            "train.lr with it (README: Per-rank batch)")
 
 
 def write_plots(run_dir: Path, history: list) -> None:
@@ -122,7 +131,8 @@ def main(argv=None) -> int:
             # W&B continues the checkpoint's run (same id, its steps go on); None when W&B is off
             wb = wandb_logger.start(cfg, run_dir, run_dir.name, state.get("wandb_id") if state else None)
             logger = MultiLogger(ConsoleLogger(), JsonlLogger(run_dir / "metrics.jsonl"), *([wb] if wb else []))
-        trainer = Trainer(cfg, env, run_dir, logger)
+        configure_backends(env.device)
+        trainer = Trainer(cfg, env, run_dir, logger, preemption=distributed.Preemption(env).install())
         if state is not None:
             trainer.load_state_dict(state)
         if wb is not None:
@@ -133,10 +143,17 @@ def main(argv=None) -> int:
                   f"backend={env.backend or 'none'} device={env.device} precision={trainer.precision} "
                   f"run_dir={run_dir} " + (f"resumed at step {trainer.global_step}" if state else "fresh start"),
                   flush=True)
+            small = small_batch_warning(env.device, cfg.train.batch_size // env.world_size, env.world_size)
+            if small:
+                print(f"warning: {small}", file=sys.stderr, flush=True)
         outcome = trainer.fit()
         if env.is_main:
             write_plots(run_dir, trainer.history)
         logger.close()
+        if env.is_main:
+            s = trainer.seconds
+            print(f"time: training {s['train']:.1f} s, evaluation {s['eval']:.1f} s, checkpoints {s['save']:.1f} s",
+                  flush=True)
         if env.is_main and outcome == "done":
             print(f"finished: {run_dir}", flush=True)
         if env.is_main and outcome == "preempted" and cfg.checkpoint.requeue:

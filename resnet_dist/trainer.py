@@ -1,10 +1,14 @@
 """Trainer: the state of one run and the loop that advances it, identical on 1 CPU or 64 GPUs."""
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import os
 import random
-import signal
+import shutil
+import sys
+import sysconfig
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint
 from .config import Config
 from .data import CLASSES, TrainBatches, eval_shard, load_split, normalize, prepare
-from .distributed import DistEnv, all_reduce_sum
+from .distributed import DistEnv, NoPreemption, all_reduce_sum, broadcast_buffers, rank0_decides
 from .metrics import NullLogger, progress_bar
 from .model import build_model
 
@@ -44,13 +48,50 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
-def make_optimizer(model: nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
+def optimizer_impl(device: torch.device, precision: str) -> dict:
+    """Which SGD kernel: fused on GPUs, except under fp16, where a step the GradScaler skips (an overflow,
+    typically the first) leaves the fused kernel's momentum buffers uninitialised: NaN from then on.
+    foreach (one kernel per group of tensors) everywhere else."""
+    if device.type == "cuda" and precision != "fp16":
+        return {"fused": True, "foreach": None}
+    return {"fused": None, "foreach": True}
+
+
+def make_optimizer(model: nn.Module, t, device: torch.device, precision: str) -> torch.optim.Optimizer:
     """SGD; BatchNorm weights and biases (all 1-d parameters) get no weight decay."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, **fast)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
+                           **optimizer_impl(device, precision))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimizer state, keeping this run's kernel choice: load_state_dict would also restore
+    the saving run's `fused` / `foreach` flags (a GPU's fused on CPU, or fused under fp16)."""
+    impl = [{k: g[k] for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, impl):
+        group.update(flags)
+
+
+def compile_unavailable(device: torch.device, which=shutil.which, include_dir: str | None = None) -> str | None:
+    """Why torch.compile cannot work here, or None: Inductor builds C/C++ code, which needs a compiler and
+    the Python headers (a bare machine or container often has neither)."""
+    names = ("cc", "gcc", "clang") if device.type == "cuda" else ("c++", "g++", "clang++")
+    env_var = "CC" if device.type == "cuda" else "CXX"
+    if not (os.environ.get(env_var) or any(which(n) for n in names)):
+        return f"no C{'' if device.type == 'cuda' else '++'} compiler ({'/'.join(names)}) on PATH"
+    include_dir = include_dir or sysconfig.get_paths()["include"]
+    if not os.path.isfile(os.path.join(include_dir, "Python.h")):
+        return f"no Python headers ({include_dir}/Python.h)"
+    return None
+
+
+def configure_backends(device: torch.device) -> None:
+    """cuDNN picks the fastest convolution algorithms for our fixed shapes (a one-off search per shape)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def lr_factor(t, total_steps: int):
@@ -109,22 +150,43 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 class EMA:
-    """An exponential moving average of the weights and BatchNorm statistics; evaluation uses it."""
+    """An exponential moving average of the weights and BatchNorm statistics; evaluation uses it.
+
+    The update is two foreach kernels on device tensors (lerp for floating-point tensors, a copy for the
+    integer batch counters), the count a Python int: no host sync per step.
+    """
 
     def __init__(self, model: nn.Module, decay: float):
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        self.avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-        self.module = self.avg.module
+        self.decay, self.count = decay, 0
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.avg = self._tensors(self.module)
+        self.source: tuple[nn.Module, tuple[list, list]] | None = None  # the model and its tensor lists
 
+    @staticmethod
+    def _tensors(module: nn.Module) -> tuple[list, list]:
+        """(floating-point, integer) parameters and buffers, in module order."""
+        all_ = [t.detach() for t in itertools.chain(module.parameters(), module.buffers())]
+        return [t for t in all_ if t.is_floating_point()], [t for t in all_ if not t.is_floating_point()]
+
+    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        self.avg.update_parameters(model)  # foreach ops on the device: no host sync
+        if self.source is None or self.source[0] is not model:
+            self.source = (model, self._tensors(model))
+        (avg_f, avg_i), (cur_f, cur_i) = self.avg, self.source[1]
+        if self.count == 0:  # the first update copies
+            torch._foreach_copy_(avg_f, cur_f)
+        else:
+            torch._foreach_lerp_(avg_f, cur_f, 1.0 - self.decay)
+        if avg_i:
+            torch._foreach_copy_(avg_i, cur_i)
+        self.count += 1
 
     def state_dict(self) -> dict:
-        return {"weights": self.module.state_dict(), "n_averaged": self.avg.n_averaged}
+        return {"weights": self.module.state_dict(), "n_averaged": self.count}
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["weights"])
-        self.avg.n_averaged.copy_(state["n_averaged"])
+        self.count = int(state["n_averaged"])  # a tensor in checkpoints of torch's AveragedModel
 
 
 class NoEMA:
@@ -143,66 +205,44 @@ class NoEMA:
         pass
 
 
-class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; all ranks learn of it at the same step (a CPU all-reduce of the flag)."""
-
-    def __init__(self, env: DistEnv):
-        self.received = False
-        self.group = dist.new_group(backend="gloo") if env.distributed else None
-        self.flag = torch.zeros(1)
-        self.pending = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.received = True
-
-    def agreed(self) -> bool:
-        """True on every rank at the same step once any rank got a signal.
-
-        The all-reduce is started at one step and read at the next, so the GPU never waits for it.
-        """
-        if self.group is None:
-            return self.received
-        stop = False
-        if self.pending is not None:
-            self.pending.wait()
-            stop = bool(self.flag.item() > 0)
-        self.flag.fill_(float(self.received))
-        self.pending = dist.all_reduce(self.flag, group=self.group, async_op=True)
-        return stop
-
-    def drain(self) -> bool:
-        """Finish the in-flight agreement (before anything else is collective); True if a stop was agreed."""
-        if self.pending is None:
-            return self.received if self.group is None else False
-        self.pending.wait()
-        self.pending = None
-        return bool(self.flag.item() > 0)
+def augment_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of a rank's augmentation stream. 100_003 (a prime above any rank count) keeps (seed, rank)
+    pairs apart; a stream started later (a rank added by a resize, a reseed) also mixes in the step."""
+    return seed * 100_003 + rank + 7919 * step
 
 
 def rng_state(gen: torch.Generator) -> dict:
     """Every random stream of this rank, as tensors and plain values (loadable with weights_only)."""
     np_state = np.random.get_state()
-    return {"augment": gen.get_state(), "torch": torch.get_rng_state(),
+    return {"augment": gen.get_state(), "augment_device": gen.device.type, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python": random.getstate()}
 
 
-def set_rng_state(state: dict, gen: torch.Generator) -> None:
-    gen.set_state(state["augment"])
+def set_rng_state(state: dict, gen: torch.Generator) -> bool:
+    """Restore every stream. False when the augmentation stream was saved on another kind of device (a CPU
+    generator's state does not load into a CUDA one, nor the other way round): the caller reseeds it."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     random.setstate(state["python"])
+    if state.get("augment_device", "cpu") != gen.device.type:  # checkpoints before this key: all from CPU
+        return False
+    try:
+        gen.set_state(state["augment"])
+    except RuntimeError:
+        return False
+    return True
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path | None = None, logger=NullLogger()):
+    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path | None = None, logger=NullLogger(),
+                 preemption=None):
         self.cfg, self.env, self.run_dir, self.logger = cfg, env, run_dir, logger
+        self.preemption = preemption or NoPreemption()
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         dev = env.device
         raw = prepare(cfg.data.root, cfg.data.mirror)
@@ -214,7 +254,7 @@ class Trainer:
         self.batches = TrainBatches(train_x.to(dev), train_y.to(dev), t.batch_size // env.world_size,
                                     env.rank, env.world_size, cfg.run.seed, cfg.data)
         self.gen = torch.Generator(device=dev)
-        self.gen.manual_seed(cfg.run.seed * 100_003 + env.rank)  # each rank augments differently
+        self.gen.manual_seed(augment_seed(cfg.run.seed, env.rank))  # each rank augments differently
         self.model = build_model(cfg.model).to(dev)
         self.channels_last = dev.type == "cuda" and t.channels_last
         if self.channels_last:
@@ -227,16 +267,23 @@ class Trainer:
             if cfg.dist.grad_compression == "bf16":  # all-reduce bf16 copies of the gradients: half the bytes
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
                 self.ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
-        self.forward = torch.compile(self.ddp) if t.compile else self.ddp
+        self.forward = self.ddp
+        if t.compile:
+            missing = compile_unavailable(dev)
+            if missing is None:
+                self.forward = torch.compile(self.ddp)
+            elif env.is_main:
+                print(f"warning: train.compile=true needs a compiler toolchain, but there is {missing}: training "
+                      "without torch.compile (install gcc, g++ and python3-dev, or set train.compile=false)",
+                      file=sys.stderr, flush=True)
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else NoEMA(self.model)
-        self.optimizer = make_optimizer(self.model, t, dev)
-        self.total_steps = t.epochs * self.batches.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(t, self.total_steps))
         self.precision = resolve_precision(t.precision, dev)
         self.autocast = autocast_for(self.precision, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.precision == "fp16")
+        self.optimizer = make_optimizer(self.model, t, dev, self.precision)
+        self.total_steps = t.epochs * self.batches.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(t, self.total_steps))
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-        self.preemption = Preemption(env)
         # progress: the epoch and the step within it to run next, and the global step count
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         # train metrics: (loss sum, correct) accumulate on the device, summed over ranks once per log interval
@@ -245,6 +292,8 @@ class Trainer:
         self.epoch_sums = [0.0, 0.0, 0]  # loss sum, correct, images: already reduced over ranks
         self.epoch_time = self.interval_time = 0.0  # seconds of training (excluding evaluation and saving)
         self.clock = None
+        self.seconds = {"train": 0.0, "eval": 0.0, "save": 0.0}  # this process's time split
+        self.last_save_s, self.last_save_end = 0.0, time.perf_counter()  # for the checkpoint overhead rule
         self.wandb_id = None
         self.history: list[dict] = []
 
@@ -255,7 +304,9 @@ class Trainer:
         with self.autocast:
             out = self.forward(x)
             loss = self.loss_fn(out, y)
-        self.optimizer.zero_grad(set_to_none=True)
+        # under DDP the gradients are views into its buckets (gradient_as_bucket_view): zero them in place,
+        # or autograd allocates new ones each step and DDP copies them back into the buckets
+        self.optimizer.zero_grad(set_to_none=not self.env.distributed)
         self.scaler.scale(loss).backward()  # DDP all-reduces gradients bucket by bucket during backward
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -289,9 +340,9 @@ class Trainer:
                     self.save()
                     self.tick(count=False)
             bar.close()
-            self.end_epoch()
+            saved = self.end_epoch()
             if self.preemption.drain() and self.epoch < c.train.epochs:
-                return self.stop(saved=True)
+                return self.stop(saved=saved)
         return "done"
 
     def tick(self, count: bool = True) -> None:
@@ -313,6 +364,7 @@ class Trainer:
         bar.set_postfix_str(f"loss {loss_sum / n:.4f} lr {lr:.4g}")
         images_per_s = n / self.interval_time if self.interval_time > 0 else 0.0
         self.epoch_time += self.interval_time
+        self.seconds["train"] += self.interval_time
         self.interval_time = 0.0
         record = {"kind": "step", "epoch": self.epoch, "step": self.global_step,
                   "train/loss": loss_sum / n, "train/acc": correct / n, "lr": lr, "images_per_s": images_per_s}
@@ -320,20 +372,39 @@ class Trainer:
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         self.logger.log(record)
 
-    def end_epoch(self) -> None:
+    def end_epoch(self) -> bool:
+        """Evaluate, log the epoch, and save when the checkpoint cadence says so; True if it saved."""
         loss_sum, correct, n = self.epoch_sums
         record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step, "world_size": self.env.world_size,
                   "train/loss": loss_sum / n, "train/acc": correct / n, "lr": self.scheduler.get_last_lr()[0],
                   "images_per_s": n / self.epoch_time}
+        start = time.perf_counter()
         result = self.evaluate()
+        self.seconds["eval"] += time.perf_counter() - start
         record.update({k: v for k, v in result.items() if k != "confusion"})
         self.history.append({"epoch": self.epoch, "confusion": result["confusion"]})
         self.logger.log(record)
         self.epoch += 1
         self.step_in_epoch, self.epoch_sums, self.epoch_time = 0, [0.0, 0.0, 0], 0.0
-        self.save()
+        if self.epoch_save_due():
+            self.save()
+            return True
+        return False
+
+    def epoch_save_due(self) -> bool:
+        """The last epoch always saves; others every `checkpoint.every_epochs`, unless saving would take more than
+        `checkpoint.max_overhead` of the time since the previous save (fast GPUs, tiny epochs). Rank 0's clock
+        decides for all: every rank takes part in a save."""
+        c = self.cfg.checkpoint
+        if self.epoch >= self.cfg.train.epochs:
+            return True
+        if self.epoch % c.every_epochs:
+            return False
+        since = time.perf_counter() - self.last_save_end
+        return rank0_decides(self.last_save_s <= c.max_overhead * (since + self.last_save_s), self.env.device)
 
     def evaluate(self) -> dict:
+        broadcast_buffers(self.ema.module)  # rank 0's BatchNorm statistics, the ones the checkpoint holds
         return evaluate_model(self.ema.module, self.test_x, self.test_y, self.env, self.cfg.data.resize,
                               self.cfg.data.eval_batch_size, self.autocast, self.cfg.model.num_classes,
                               self.cfg.train.tta_flip)
@@ -382,9 +453,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         if state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the saving run had no GradScaler (bf16, fp32): fp16 starts a fresh one
+            self.scaler.load_state_dict(state["scaler"])
         p = state["progress"]
         self.epoch, self.step_in_epoch, self.global_step = p["epoch"], p["step_in_epoch"], p["global_step"]
         self.batches.sampler.seed = p["sampler_seed"]  # the run's data order, even if run.seed was changed since
@@ -395,14 +467,22 @@ class Trainer:
         self.interval_steps = p["interval_steps"]
         self.epoch_sums, self.epoch_time = list(p["epoch_sums"]), p["epoch_time"]
         rngs = state["rng"]
-        if self.env.rank < len(rngs):
-            set_rng_state(rngs[self.env.rank], self.gen)
-        else:  # a new rank after a resize: a fresh stream, derived from the step so it differs from all others
-            self.gen.manual_seed(self.cfg.run.seed * 100_003 + self.env.rank + 7919 * self.global_step)
+        restored = self.env.rank < len(rngs) and set_rng_state(rngs[self.env.rank], self.gen)
+        if not restored:  # a new rank after a resize, or a checkpoint from another kind of device: a fresh stream
+            self.gen.manual_seed(augment_seed(self.cfg.run.seed, self.env.rank, self.global_step))
+            saved_on = rngs[0].get("augment_device", "cpu")
+            if self.env.is_main and saved_on != self.gen.device.type:
+                print(f"note: the checkpoint's augmentation random streams were saved on {saved_on} and cannot be "
+                      f"restored on {self.gen.device.type}: reseeded from run.seed and step {self.global_step} (the "
+                      "run goes on, not bit-identical to an uninterrupted one)", flush=True)
         self.wandb_id = state.get("wandb_id")
         self.history = list(state.get("history", []))
 
     def save(self) -> None:
+        start = time.perf_counter()
         state = self.state_dict()  # collective: every rank calls save() at the same step
         if self.env.is_main and self.run_dir is not None:
             checkpoint.save(state, self.run_dir / "checkpoints", self.global_step, self.cfg.checkpoint.keep)
+        self.last_save_end = time.perf_counter()
+        self.last_save_s = self.last_save_end - start
+        self.seconds["save"] += self.last_save_s

@@ -31,18 +31,25 @@
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
 #
-# --ntasks-per-node must equal --gpus-per-node (the trainer exits with one clear line if a node has
-# more tasks than GPUs). --signal=USR1@120: two minutes before the time limit every task gets SIGUSR1;
+# --ntasks-per-node must equal --gpus-per-node: each task sees all of its node's GPUs and takes the one of
+# its local rank. Clusters that bind one GPU per task work too: `sbatch --gpus-per-task=1` (or --gpu-bind,
+# or a site default that sets CUDA_VISIBLE_DEVICES per task) shows each task exactly one GPU, which it uses;
+# the trainer refuses, in one line, tasks that all see the same single GPU, or more tasks on a node than
+# GPUs visible to each. --signal=USR1@120: two minutes before the time limit every task gets SIGUSR1;
 # the ranks agree on a step, save a checkpoint, and rank 0 runs `scontrol requeue $SLURM_JOB_ID`
 # (hence --requeue). The requeued job keeps its id, so it finds its run directory (run.name defaults
 # to $SLURM_JOB_ID) and resumes; --open-mode=append keeps the first part of the log.
 #
 # NCCL on real clusters (multi-node):
-#   NCCL_SOCKET_IFNAME=ib0 (or the cluster's fast interface; also GLOO_SOCKET_IFNAME for the CPU-side
-#     groups) when the default route's interface is the slow management network;
+#   NCCL_SOCKET_IFNAME=ib0 (or the cluster's fast interface) when the default route's interface is the slow
+#     management network (GLOO_SOCKET_IFNAME likewise for gloo, on CPU clusters; the GPU path has no gloo group);
 #   NCCL_IB_HCA=mlx5 selects InfiniBand adapters, NCCL_IB_DISABLE=1 forces TCP (diagnosis only);
 #   NCCL_DEBUG=INFO prints the transport chosen (NET/IB vs NET/Socket) at startup: check it once;
-#   TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (the default) turns a dead peer into an error, not a hang.
+#   a dead or hung peer: PyTorch's NCCL watchdog notices a failed collective, or one that outlives
+#     dist.timeout_s, and with TORCH_NCCL_ASYNC_ERROR_HANDLING unset (3 = SkipCleanUp, the default since
+#     PyTorch 2.2) takes the whole process down (SIGABRT) with its own "Watchdog caught collective operation
+#     timeout" lines: the trainer's one-line reason ("another rank died ...") appears only for errors that
+#     reach Python (gloo on CPU, the rendezvous store). --kill-on-bad-exit then stops the other tasks.
 set -euo pipefail
 
 # sbatch runs a copy of this script from its spool directory: find the repository from the

@@ -61,3 +61,43 @@ def read_metrics(run_path: Path) -> list[dict]:
 
 def epochs(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("kind") == "epoch"]
+
+
+def _spawned(fn, rank, world, port, out, args):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch
+
+    from resnet_dist import distributed
+    torch.set_num_threads(1)
+    env = distributed.setup(timeout_s=60)
+    try:
+        out.put((rank, fn(env, *args)))
+    except BaseException as e:  # noqa: BLE001 - reported to the test, not lost in a child
+        out.put((rank, e))
+        raise
+    finally:
+        distributed.teardown()
+
+
+def in_gloo_group(fn, world: int, *args, timeout: float = 240) -> list:
+    """fn(env, *args) on `world` spawned processes in a real gloo group; the results by rank.
+
+    `fn` must be importable (a module-level function of a test module)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    out, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_spawned, args=(fn, r, world, port, out, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(out.get(timeout=timeout) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    for r in range(world):
+        if isinstance(results[r], BaseException):
+            raise AssertionError(f"rank {r} failed: {results[r]!r}")
+    return [results[r] for r in range(world)]

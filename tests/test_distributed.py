@@ -2,7 +2,7 @@ import pytest
 
 from resnet_dist import distributed
 
-from .conftest import PY, run, torchrun
+from .conftest import PY, in_gloo_group, run, torchrun
 
 
 @pytest.mark.parametrize("nodelist, first", [
@@ -57,3 +57,38 @@ def test_self_test_single_process_and_usage():
     proc = run([PY, "-m", "resnet_dist.distributed", "--self-test"])
     assert proc.returncode == 0 and "world_size=1 device=cpu correct" in proc.stdout
     assert run([PY, "-m", "resnet_dist.distributed"]).returncode == 2
+
+
+def _agreement(env):
+    import torch
+
+    found = {}
+    for lag in (1, 3):
+        p = distributed.Preemption(env, lag=lag)  # not installed: the test raises the flag itself
+        stops = []
+        for step in range(10):
+            if env.rank == 1 and step == 4:
+                p.received = True  # what the signal handler does, on one rank only
+            stops.append(p.agreed())
+        found[lag] = (stops.index(True), p.drain())
+    # the epoch-end drain: a flag raised in the last steps is still agreed on every rank
+    p = distributed.Preemption(env, lag=2)
+    p.received = env.rank == 0
+    found["drain"] = (p.agreed(), p.drain(), p.drain())
+    # rank 0's buffers (BatchNorm statistics) reach every rank; rank 0's decision too
+    bn = torch.nn.BatchNorm2d(3)
+    bn.running_mean.fill_(env.rank + 1.0)
+    bn.num_batches_tracked.fill_(env.rank + 5)
+    distributed.broadcast_buffers(bn)
+    found["buffers"] = (bn.running_mean.tolist(), int(bn.num_batches_tracked))
+    found["decides"] = distributed.rank0_decides(env.rank == 0, env.device)
+    return found
+
+
+def test_preemption_agreement_and_rank0_state_in_a_real_group():
+    got = in_gloo_group(_agreement, 2)
+    for rank in (0, 1):
+        # the flag raised at step 4 on rank 1 stops both ranks at the same step, `lag` steps later
+        assert got[rank][1] == (5, True) and got[rank][3] == (7, True), got
+        assert got[rank]["drain"] == (False, True, False)
+        assert got[rank]["buffers"] == ([1.0, 1.0, 1.0], 5) and got[rank]["decides"] is True

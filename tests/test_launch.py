@@ -53,16 +53,45 @@ def test_special_step_ids_are_not_srun():
         assert distributed.detect({**BATCH_SHELL, "SLURM_STEP_ID": step})["launcher"] == "none"
 
 
+FOUR_LOCAL = {**TORCHRUN, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
+
+
 @pytest.mark.parametrize("env, gpus, ok", [
-    (SRUN, 2, True), (SRUN, 1, False),  # 2 tasks on this node
-    (TORCHRUN, 2, True), (TORCHRUN, 1, False), ({**TORCHRUN, "LOCAL_RANK": "0"}, 1, False),  # 2 local processes
+    (SRUN, 2, True), (SRUN, 1, True),  # 2 tasks on this node; one GPU each (--gpus-per-task=1) is fine
+    (TORCHRUN, 2, True), (TORCHRUN, 1, True),  # 2 local processes
+    (FOUR_LOCAL, 4, True), (FOUR_LOCAL, 2, False), (FOUR_LOCAL, 3, False), (FOUR_LOCAL, 1, True),
     (TORCHRUN, 0, True),  # CPU: any number of processes
 ])
 def test_more_local_processes_than_gpus(env, gpus, ok):
     errors, _ = problems(env, gpus)
     assert (errors == []) == ok
     if not ok:
-        assert len(errors) == 1 and f"2 processes on this node but only {gpus} GPU(s) are visible" in errors[0]
+        assert len(errors) == 1 and f"4 processes on this node but only {gpus} GPUs are visible" in errors[0]
+
+
+@pytest.mark.parametrize("local_rank, gpus, want", [(0, 0, "cpu"), (3, 0, "cpu"), (3, 1, "cuda:0"), (0, 1, "cuda:0"),
+                                                    (2, 4, "cuda:2"), (0, 8, "cuda:0")])
+def test_device_of_each_process(local_rank, gpus, want):
+    assert str(distributed.device_for(local_rank, gpus)) == want
+
+
+def test_processes_that_see_the_same_single_gpu_are_refused():
+    """One visible GPU per task is fine when each task sees its own, not when they all see the same one."""
+    import threading
+    store = torch.distributed.HashStore()
+    idents = ["n1 GPU-a", "n1 GPU-b", "n2 GPU-a", "n2 GPU-a"]
+    got = {}
+    threads = [threading.Thread(target=lambda r: got.__setitem__(r, distributed.exchange(store, "gpu", r, 4,
+                                                                                        idents[r])), args=(r,))
+               for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == {r: idents for r in range(4)}  # every rank sees every rank's identity
+    assert distributed.shared_gpu(idents[:3]) is None  # the same UUID on two hosts is two GPUs
+    clash = distributed.shared_gpu(idents)
+    assert "ranks 2 and 3 both see only GPU GPU-a on n2" in clash and "--gpus-per-task=1" in clash
 
 
 @pytest.mark.parametrize("env, message", [
@@ -111,18 +140,18 @@ def test_accelerate_cpu_launcher_starting_one_process_warns():
 
 # ---- how a mistake surfaces: one line, exit 2, nothing created ----------------------------------
 def test_more_tasks_than_gpus_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
-    # a node with 1 GPU and 2 local processes, without a GPU: the check runs before CUDA is touched
+    # a node with 2 GPUs and 4 local processes, without a GPU: the check runs before CUDA is touched
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for k in os.environ.keys() - clean_env().keys():  # no launcher variables of our own
         monkeypatch.delenv(k)
-    for k, v in TORCHRUN.items():
+    for k, v in FOUR_LOCAL.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(SystemExit) as e:
         train.main([f"run.dir={tmp_path}", "run.name=x"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: 2 processes on this node but only 1 GPU(s)")
+    assert len(err) == 1 and err[0].startswith("error: 4 processes on this node but only 2 GPUs")
     assert not (tmp_path / "x").exists()
 
 
@@ -167,11 +196,12 @@ def test_accelerate_launch_on_cpu_follows_mixed_precision(tmp_path, data_root):
     accelerate = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "bf16",
                   "--dynamo_backend", "no", "-m", "resnet_dist.train"]
-    proc = run(accelerate + small_run(data_root, tmp_path, "acc", *TINY))
+    # bf16 backward on CPUs without native bf16 costs ~0.5 s per image: one step of 64 images
+    proc = run(accelerate + small_run(data_root, tmp_path, "acc", *TINY, "data.train_subset=64", "data.test_subset=100"))
     assert proc.returncode == 0, proc.stderr
     assert "resnet_dist: launcher=accelerate world_size=2 nodes=1 backend=gloo device=cpu precision=bf16" in proc.stdout
     ep = epochs(read_metrics(tmp_path / "acc"))
-    assert [(r["world_size"], r["test/samples"]) for r in ep] == [(2, 999)]
+    assert [(r["world_size"], r["test/samples"]) for r in ep] == [(2, 100)]
 
 
 @pytest.mark.parametrize("name, processes, precision", [("accelerate_cpu.yaml", 2, "no"),

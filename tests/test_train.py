@@ -1,7 +1,10 @@
 """The real program, end to end: a single process and torchrun with 2 gloo ranks on real data."""
+import json
+
 import torch
 
 from resnet_dist import checkpoint
+from resnet_dist.trainer import CLASS_KEYS
 
 from .conftest import PY, epochs, read_metrics, run, small_run, torchrun
 
@@ -54,6 +57,14 @@ def test_fast_path_options_train_under_torchrun(tmp_path, data_root):
     assert state["ema"] is not None and int(state["ema"]["n_averaged"]) == ep[0]["step"]
     assert any(not torch.equal(v, state["model"][k]) for k, v in state["ema"]["weights"].items()
                if v.is_floating_point())
+    # what training logged is what `evaluate` computes from the checkpoint on the same ranks: every rank
+    # evaluated with rank 0's BatchNorm statistics (each rank's drift apart), the ones the checkpoint holds
+    proc = run(torchrun(2, module="resnet_dist.evaluate") + ["--checkpoint", str(tmp_path / "fast" / "checkpoints" /
+                                                                              "last.pt"), f"data.root={data_root}"])
+    assert proc.returncode == 0, proc.stderr
+    evaluated = json.loads(proc.stdout.strip().splitlines()[-1])
+    for k in ("test/acc", "test/loss", *(f"test/acc/{c}" for c in CLASS_KEYS)):
+        assert evaluated[k] == ep[0][k], k
 
 
 def test_progress_bar_on_a_terminal(tmp_path, data_root):

@@ -6,7 +6,8 @@ import torch
 
 from resnet_dist.config import ModelConfig, TrainConfig
 from resnet_dist.model import build_model
-from resnet_dist.trainer import EMA, NoEMA, lr_factor, make_optimizer, resolve_precision
+from resnet_dist.trainer import (EMA, NoEMA, compile_unavailable, configure_backends, load_optimizer_state,
+                                 lr_factor, make_optimizer, optimizer_impl, resolve_precision)
 
 CPU = torch.device("cpu")
 
@@ -44,7 +45,7 @@ def test_cosine_warms_up_then_follows_a_half_cosine():
 
 def test_no_weight_decay_on_batchnorm_and_biases():
     model = build_model(ModelConfig())
-    opt = make_optimizer(model, TrainConfig(weight_decay=5e-4, momentum=0.9, nesterov=True), CPU)
+    opt = make_optimizer(model, TrainConfig(weight_decay=5e-4, momentum=0.9, nesterov=True), CPU, "fp32")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
@@ -79,3 +80,99 @@ def test_predict_normalizes_and_averages_the_mirror_with_flip_tta():
         plain, mirrored = model(x), model(x.flip(-1))
     assert torch.allclose(predict(model, images, None), plain)
     assert torch.allclose(predict(model, images, None, tta_flip=True), (plain + mirrored) / 2)
+
+
+@pytest.mark.parametrize("device, precision, fused", [("cuda", "bf16", True), ("cuda", "fp32", True),
+                                                      ("cuda", "fp16", False), ("cpu", "fp32", False),
+                                                      ("cpu", "bf16", False)])
+def test_fused_sgd_only_without_a_grad_scaler_on_gpus(device, precision, fused):
+    """fp16's GradScaler skips overflowing steps, which leaves the fused kernel's momentum uninitialised."""
+    impl = optimizer_impl(torch.device(device), precision)
+    assert impl == ({"fused": True, "foreach": None} if fused else {"fused": None, "foreach": True})
+
+
+def test_loaded_optimizer_state_keeps_this_devices_kernel():
+    model = torch.nn.Linear(3, 2)
+    opt = make_optimizer(model, TrainConfig(momentum=0.9), CPU, "fp32")
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    for g in saved["param_groups"]:  # as a bf16 run on a GPU saves it
+        g.update(fused=True, foreach=None)
+    fresh = make_optimizer(model, TrainConfig(momentum=0.9), CPU, "fp32")
+    load_optimizer_state(fresh, saved)
+    assert [(g["fused"], g["foreach"]) for g in fresh.param_groups] == [(None, True)] * 2
+    assert torch.equal(fresh.state_dict()["state"][0]["momentum_buffer"], saved["state"][0]["momentum_buffer"])
+
+
+def test_ema_update_matches_torchs_averaged_model_and_keeps_no_host_state():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    torch.manual_seed(0)
+    model = build_model(ModelConfig())
+    ours = EMA(model, decay=0.9)
+    ref = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(3):
+        with torch.no_grad():
+            model(torch.randn(4, 1, 28, 28))  # moves the BatchNorm statistics
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        ours.update(model)
+        ref.update_parameters(model)
+    got, want = ours.module.state_dict(), ref.module.state_dict()
+    for k, v in want.items():
+        if v.is_floating_point():
+            assert torch.allclose(got[k], v, atol=1e-6), k
+        else:  # integer batch counters: copied, not averaged
+            assert torch.equal(got[k], model.state_dict()[k]), k
+    assert ours.count == 3 and isinstance(ours.state_dict()["n_averaged"], int)
+    # checkpoints written with torch's AveragedModel (n_averaged a tensor) still load
+    again = EMA(model, decay=0.9)
+    again.load_state_dict({"weights": ref.module.state_dict(), "n_averaged": ref.n_averaged})
+    assert again.count == 3
+
+
+def test_compile_falls_back_without_a_compiler_or_headers(tmp_path):
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert "no C compiler" in compile_unavailable(gpu, which=lambda name: None)
+    assert "no C++ compiler" in compile_unavailable(cpu, which=lambda name: None)
+    assert "no Python headers" in compile_unavailable(cpu, which=lambda name: "/usr/bin/" + name,
+                                                       include_dir=str(tmp_path))
+    (tmp_path / "Python.h").write_text("")
+    assert compile_unavailable(gpu, which=lambda name: "/usr/bin/" + name, include_dir=str(tmp_path)) is None
+
+
+def test_cudnn_benchmark_on_gpus():
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        configure_backends(CPU)
+        assert torch.backends.cudnn.benchmark is False
+        configure_backends(torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def test_small_per_rank_batch_warns_on_gpus_only():
+    from resnet_dist.train import small_batch_warning
+    assert small_batch_warning(CPU, 32, 2) is None
+    assert small_batch_warning(torch.device("cuda"), 128, 4) is None
+    assert "64 images per rank" in small_batch_warning(torch.device("cuda"), 64, 8)
+
+
+@pytest.mark.parametrize("name, precision, tf32, want", [
+    ("NVIDIA H100 80GB HBM3", "bf16", True, 989.4), ("NVIDIA H100 PCIe", "bf16", True, 756.5),
+    ("NVIDIA H100 NVL", "bf16", True, 835.5), ("NVIDIA H200", "fp16", False, 989.4),
+    ("NVIDIA H200", "fp32", True, 494.7), ("NVIDIA H200", "fp32", False, 66.9),
+    ("NVIDIA L4", "bf16", True, 121.0), ("NVIDIA L40", "bf16", True, 181.0), ("NVIDIA L40S", "bf16", True, 362.0),
+    ("Tesla V100-SXM2-16GB", "fp32", True, 15.7),  # no TF32 before Ampere
+    ("NVIDIA H100", "bf16", True, None), ("NVIDIA GeForce RTX 3060", "bf16", True, None),  # unknown: no guess
+])
+def test_peak_by_exact_gpu_name(name, precision, tf32, want):
+    from resnet_dist.bench import peak_tflops
+    assert peak_tflops(name, precision, tf32) == want
+
+
+def test_matmul_ceiling_is_measured():
+    from resnet_dist.bench import matmul_ceiling_tflops
+    assert matmul_ceiling_tflops(CPU, n=128, iters=2) > 0
