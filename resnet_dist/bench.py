@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import config, distributed
-from .data import MEAN, STD, load_split, normalize, prepare
-from .model import build_model
-from .trainer import Trainer, autocast_for, configure_backends, make_optimizer, resolve_precision
+from . import cli, config, distributed
+from .data import MEAN, STD, load_split, load_splits, normalize, prepare
+from .model import build_model, memory_format
+from .optim import autocast_for, configure_backends, make_optimizer, resolve_precision
+from .trainer import Trainer
 
 # Dense peak TFLOP/s per GPU, from the vendor datasheets (the 2:4-sparsity figures halved):
 # (bf16/fp16 tensor cores, TF32 tensor cores, plain FP32). Keyed by the exact name CUDA reports: substrings
@@ -100,9 +101,7 @@ class Clock:
 
 def bare_step_fn(cfg, env, precision):
     """A plain model and optimizer: forward, backward, step; nothing else."""
-    model = build_model(cfg.model).to(env.device)
-    if env.device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg.model).to(env.device, memory_format=memory_format(env.device, cfg.train.channels_last))
     opt = make_optimizer(model, cfg.train, env.device, precision)
     autocast = autocast_for(precision, env.device)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -123,9 +122,7 @@ def batches(cfg, env, mode, per_rank, trainer=None, workers=4):
         return itertools.chain.from_iterable(trainer.batches.epoch(e, trainer.gen) for e in itertools.count())
     if mode == "bare":  # one real batch, normalized (and resized) once, used for every step
         x, y = load_split(prepare(cfg.data.root, cfg.data.mirror), "train", per_rank)
-        x = normalize(x.to(dev), cfg.data.resize)
-        if dev.type == "cuda" and cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalize(x.to(dev), cfg.data.resize).contiguous(memory_format=memory_format(dev, cfg.train.channels_last))
         return itertools.repeat((x, y.to(dev)))
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
@@ -165,7 +162,8 @@ def measure(step, it, clock, n: int, warmup: int) -> tuple[float, float]:
 def run(cfg, env, mode: str, steps: int, warmup: int, workers: int) -> dict:
     per_rank = cfg.train.batch_size // env.world_size
     precision = resolve_precision(cfg.train.precision, env.device)
-    trainer = Trainer(cfg, env) if mode == "trainer" else None
+    # no preemption handler: a benchmark leaves SIGTERM alone
+    trainer = Trainer(cfg, env, load_splits(cfg.data, env.device)) if mode == "trainer" else None
     step = trainer.train_step if trainer else bare_step_fn(cfg, env, precision)
     it = batches(cfg, env, mode, per_rank, trainer, workers)
     clock = Clock(env.device)
@@ -235,17 +233,17 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator, workers)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers for --mode torchvision")
     p.add_argument("--out", default="bench.json", help="JSON file (rank 0 writes it)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # options may follow the overrides
+    args = cli.parse(p, sys.argv[1:] if argv is None else argv)
     if args.steps < 1 or args.warmup < 0 or args.workers < 0:
-        print("error: --steps must be >= 1, --warmup and --workers >= 0", file=sys.stderr)
-        return 2
+        cli.usage_error("--steps must be >= 1, --warmup and --workers >= 0")
     try:
-        cfg = config.load(args.config, args.overrides)
+        cfg = config.load(args.config, args.overrides, world_size=distributed.detect()["world_size"])
     except config.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    env = distributed.setup(cfg.dist.timeout_s)
+        cli.usage_error(str(e))
+    try:
+        env = distributed.setup(cfg.dist.timeout_s)
+    except distributed.LaunchError as e:
+        cli.usage_error(str(e))
     configure_backends(env.device)
     try:
         result = run(cfg, env, args.mode, args.steps, args.warmup, args.workers)

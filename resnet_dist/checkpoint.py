@@ -1,4 +1,5 @@
-"""Checkpoints that describe themselves and are written atomically; loading never runs code.
+"""Checkpoints that describe themselves and are written atomically; loading never runs code; the random
+streams they carry.
 
 Files: `step-00001234.pt` (the newest `checkpoint.keep` are kept) and `last.pt`, the newest.
 Each is written to a temporary file, flushed, fsynced and `os.replace`d: a reader (or a crash)
@@ -7,10 +8,12 @@ sees the old file or the new one, never half of one.
 from __future__ import annotations
 
 import os
+import random
 import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 STEP_FILE = re.compile(r"step-(\d+)\.pt$")
@@ -82,3 +85,35 @@ def load_newest(ckpt_dir: Path) -> tuple[dict, Path] | None:
         except CheckpointError as e:
             print(f"warning: {e}; trying the previous one", file=sys.stderr, flush=True)
     return None
+
+
+def evaluated_weights(state: dict) -> dict:
+    """The weights a checkpoint's run evaluated: its EMA when it had one, else the model."""
+    return state["ema"]["weights"] if state.get("ema") else state["model"]
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    """Every random stream of this rank, as tensors and plain values (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    return {"augment": gen.get_state(), "augment_device": gen.device.type, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict, gen: torch.Generator) -> bool:
+    """Restore every stream. False when the augmentation stream was saved on another kind of device (a CPU
+    generator's state does not load into a CUDA one, nor the other way round): the caller reseeds it."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+    if state.get("augment_device", "cpu") != gen.device.type:  # checkpoints before this key: all from CPU
+        return False
+    try:
+        gen.set_state(state["augment"])
+    except RuntimeError:
+        return False
+    return True

@@ -9,7 +9,6 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Optional
 
 import yaml
 
@@ -40,17 +39,17 @@ def checked(default, doc, rule, choices=()):
 @dataclass
 class RunConfig:
     dir: str = knob("runs", "parent folder of run directories")
-    name: Optional[str] = knob(None, "run directory name; null = $SLURM_JOB_ID under SLURM, else a timestamp")
+    name: str | None = knob(None, "run directory name; null = $SLURM_JOB_ID under SLURM, else a timestamp")
     seed: int = knob(0, "base random seed (each rank derives its own augmentation stream)")
 
 
 @dataclass
 class DataConfig:
     root: str = knob("data", "where the prepared dataset lives")
-    mirror: Optional[str] = knob(None, "folder with the four original .gz files; null = Debian's copy if present")
-    train_subset: Optional[int] = checked(None, "null = whole train split; N = the first N images", optional_positive)
-    test_subset: Optional[int] = checked(None, "null = whole test split; N = the first N images", optional_positive)
-    resize: Optional[int] = checked(None, "null = native 28x28; 224 reproduces the original recipe", optional_positive)
+    mirror: str | None = knob(None, "folder with the four original .gz files; null = Debian's copy if present")
+    train_subset: int | None = checked(None, "null = whole train split; N = the first N images", optional_positive)
+    test_subset: int | None = checked(None, "null = whole test split; N = the first N images", optional_positive)
+    resize: int | None = checked(None, "null = native 28x28; 224 reproduces the original recipe", optional_positive)
     crop_padding: int = checked(0, "random-crop padding in pixels (0 = no crop augmentation)", non_negative)
     flip: bool = knob(False, "random horizontal flip")
     erasing: float = checked(0.0, "probability of random erasing per image", probability)
@@ -111,9 +110,9 @@ class WandbConfig:
     mode: str = knob("auto", "auto (online if an API key is configured, else offline), online, offline or disabled; "
                              "WANDB_MODE in the environment wins", choices=("auto", "online", "offline", "disabled"))
     project: str = knob("resnet_dist", "W&B project")
-    entity: Optional[str] = knob(None, "W&B entity (team or user); null = your default")
-    group: Optional[str] = knob(None, "W&B group; null = $SLURM_JOB_ID, else the run name")
-    name: Optional[str] = knob(None, "W&B run display name; null = the run name (run directory)")
+    entity: str | None = knob(None, "W&B entity (team or user); null = your default")
+    group: str | None = knob(None, "W&B group; null = $SLURM_JOB_ID, else the run name")
+    name: str | None = knob(None, "W&B run display name; null = the run name (run directory)")
     tags: list[str] = knob([], "W&B tags, e.g. log.wandb.tags=[baseline,bf16]")
     init_timeout_s: int = checked(30, "give up connecting to the W&B server after this and log offline", positive)
 
@@ -214,7 +213,7 @@ def parse_override(text: str) -> tuple[str, Raw]:
     return key.strip(), Raw(raw)
 
 
-def from_dict(data: dict, cfg: Optional[Config] = None) -> Config:
+def from_dict(data: dict, cfg: Config | None = None) -> Config:
     """Apply a nested or dotted mapping (a YAML file, a checkpoint's config) over `cfg` (default: the defaults)."""
     cfg = Config() if cfg is None else cfg
     for k, v in data.items():
@@ -222,11 +221,16 @@ def from_dict(data: dict, cfg: Optional[Config] = None) -> Config:
     return cfg
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Checks that span several keys, or the launch."""
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """KEY=VALUE overrides over `cfg`, each typed by its key."""
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span several keys, or look at the filesystem."""
     t = cfg.train
-    if t.batch_size % world_size:
-        raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) must be divisible by the world size ({world_size})")
     if t.nesterov and t.momentum <= 0:
         raise ConfigError("config key 'train.nesterov' needs train.momentum > 0")
     if t.schedule == "constant" and t.warmup > 0:
@@ -237,7 +241,16 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"config key 'data.mirror': no folder at {cfg.data.mirror!r}")
 
 
-def load(path: Optional[str] = None, overrides: typing.Sequence[str] = (), world_size: Optional[int] = None) -> Config:
+def check_world(cfg: Config, world_size: int) -> None:
+    """Checks that need the world size, which the entry point learns from the launcher (config stays a leaf)."""
+    t = cfg.train
+    if t.batch_size % world_size:
+        raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) must be divisible by the world size "
+                          f"({world_size})")
+
+
+def load(path: str | None = None, overrides: typing.Sequence[str] = (), world_size: int | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, validated; with `world_size`, also the checks that need it."""
     cfg = Config()
     if path is not None:
         try:
@@ -250,12 +263,10 @@ def load(path: Optional[str] = None, overrides: typing.Sequence[str] = (), world
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         from_dict(data, cfg)
-    for text in overrides:
-        _set(cfg, *parse_override(text))
-    if world_size is None:
-        from .distributed import detect  # the launcher's world size, read before any process group
-        world_size = detect()["world_size"]
-    validate(cfg, world_size)
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    if world_size is not None:
+        check_world(cfg, world_size)
     return cfg
 
 

@@ -230,6 +230,29 @@ class TrainBatches:
             yield x, self.labels[idx]
 
 
+@dataclass
+class Splits:
+    """The training and test splits, uint8 images [N, 1, 28, 28] and int64 labels, on the training device."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def load_splits(cfg, device: torch.device) -> Splits:
+    """Prepare the dataset (once per filesystem) and put both splits on `device` (`cfg` is a DataConfig)."""
+    raw = prepare(cfg.root, cfg.mirror)
+    train, test = load_split(raw, "train", cfg.train_subset), load_split(raw, "test", cfg.test_subset)
+    return Splits(*(t.to(device) for t in (*train, *test)))
+
+
+def augment_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of a rank's augmentation stream. 100_003 (a prime above any rank count) keeps (seed, rank)
+    pairs apart; a stream started later (a rank added by a resize, a reseed) also mixes in the step."""
+    return seed * 100_003 + rank + 7919 * step
+
+
 def eval_shard(n: int, rank: int, world_size: int) -> slice:
     """A contiguous, unpadded shard: the shards of all ranks cover 0..n-1 exactly once."""
     return slice(n * rank // world_size, n * (rank + 1) // world_size)

@@ -319,7 +319,7 @@ class Preemption:
         self.lag = lag if lag is not None else (2 if self.cuda else 1)
         self.pending: deque = deque()  # (work or event, tensor holding the reduced flag), oldest first
 
-    def install(self) -> "Preemption":
+    def install(self) -> Preemption:
         """Take over the signals (entry points call it; a benchmark or a test need not)."""
         for sig in self.SIGNALS:
             signal.signal(sig, self._handler)

@@ -1,4 +1,5 @@
-"""`python -m resnet_dist.evaluate --checkpoint PATH [--out DIR] [KEY=VALUE ...]`: exact test metrics of a checkpoint.
+"""Exact evaluation: `Evaluator` (predict, the sharded test metrics, misclassified examples), and
+`python -m resnet_dist.evaluate --checkpoint PATH [--out DIR] [KEY=VALUE ...]`.
 
 Runs alone or under torchrun / srun / accelerate: the same numbers for any world size (each rank takes an
 unpadded shard, one all-reduce, the count checked). The model is rebuilt from the checkpoint's own config;
@@ -6,37 +7,109 @@ KEY=VALUE overrides (data.root, data.test_subset, data.eval_batch_size, ...) app
 Rank 0 prints overall and per-class accuracy and the confusion matrix, writes <checkpoint>.eval.json and
 <checkpoint>.confusion.png (next to the checkpoint, or in --out), and its last stdout line is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint, config, distributed
-from .data import CLASSES, DataError, load_split, prepare
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint, cli, config, distributed
+from .data import CLASSES, DataError, eval_shard, load_split, normalize, prepare
+from .distributed import DistEnv
+from .model import build_model, memory_format
+from .optim import autocast_for, resolve_precision
+
+CLASS_KEYS = tuple(c.lower().replace("-", "_").replace("/", "_").replace(" ", "_") for c in CLASSES)
+PANEL_IMAGES, PANEL_SCAN = 16, 256  # up to 16 errors among the first 256 test images: cheap at any size
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m resnet_dist.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/NAME/checkpoints/last.pt)")
-    p.add_argument("--out", help="folder for the JSON and PNG (default: the checkpoint's folder)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.root=/data")
-    return p.parse_intermixed_args(argv)  # options may follow the overrides
+@dataclass
+class Evaluator:
+    """How a model is evaluated: input size, batch, flip TTA, precision and memory format, decided once."""
+
+    resize: int | None
+    batch_size: int
+    tta_flip: bool
+    precision: str
+    device: torch.device
+    memory_format: torch.memory_format
+    num_classes: int = 10
+
+    @classmethod
+    def from_config(cls, cfg: config.Config, device: torch.device) -> Evaluator:
+        return cls(cfg.data.resize, cfg.data.eval_batch_size, cfg.train.tta_flip,
+                   resolve_precision(cfg.train.precision, device), device,
+                   memory_format(device, cfg.train.channels_last), cfg.model.num_classes)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Float logits of a batch of uint8 images (model in eval mode): normalize, resize, optional flip TTA."""
+        x = normalize(images, self.resize).contiguous(memory_format=self.memory_format)
+        with autocast_for(self.precision, self.device):
+            out = model(x).float()
+            if self.tta_flip:  # average the logits of the image and its mirror
+                out = (out + model(x.flip(-1)).float()) / 2
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, env: DistEnv) -> dict:
+        """Exact test metrics: each rank takes an unpadded shard; (loss sum, confusion matrix) is all-reduced once."""
+        was_training, n = model.training, self.num_classes
+        model.eval()
+        shard = eval_shard(len(labels), env.rank, env.world_size)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=images.device)
+        confusion = torch.zeros(n * n, dtype=torch.float64, device=images.device)
+        for i in range(shard.start, shard.stop, self.batch_size):
+            j = min(i + self.batch_size, shard.stop)
+            out, y = self.predict(model, images[i:j]), labels[i:j]
+            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+            confusion += torch.bincount(y * n + out.argmax(1), minlength=n**2).double()
+        total = distributed.all_reduce_sum(torch.cat([loss_sum, confusion])).cpu()
+        model.train(was_training)
+        conf = total[1:].view(n, n).round().long()  # rows: true class, columns: predicted
+        count = int(conf.sum())
+        assert count == len(labels), f"evaluation counted {count} images, the split has {len(labels)}: shards overlap"
+        per_class = conf.diag().double() / conf.sum(1).clamp(min=1).double()
+        result = {"test/loss": float(total[0]) / count, "test/acc": float(conf.diag().sum()) / count,
+                  "test/samples": count}
+        result.update({f"test/acc/{k}": float(a) for k, a in zip(CLASS_KEYS, per_class)})
+        result["confusion"] = conf.tolist()
+        return result
+
+    @torch.no_grad()
+    def misclassified(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      limit: int = PANEL_IMAGES, scan: int = PANEL_SCAN) -> list[tuple]:
+        """(uint8 image [H, W], true class, predicted class) for up to `limit` errors among the first `scan` images.
+
+        No collectives: the plain module in eval mode, on one rank.
+        """
+        was_training = model.training
+        model.eval()
+        x, y = images[:scan], labels[:scan]
+        pred = self.predict(model, x).argmax(1)  # as the evaluation predicts
+        model.train(was_training)
+        wrong = (pred != y).nonzero().flatten()[:limit].tolist()
+        return [(x[i].reshape(x.shape[-2], x.shape[-1]).cpu().numpy(), int(y[i]), int(pred[i])) for i in wrong]
 
 
-def usage_error(msg: str) -> "NoReturn":  # noqa: F821
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+def load_model(state: dict, cfg: config.Config, device: torch.device) -> nn.Module:
+    """The model a checkpoint evaluates: its EMA weights when the run had them, else the model's."""
+    model = build_model(cfg.model)
+    model.load_state_dict(checkpoint.evaluated_weights(state))
+    return model.to(device, memory_format=memory_format(device, cfg.train.channels_last))
 
 
 def checkpoint_config(state: dict, overrides) -> config.Config:
     """The training run's config (from the checkpoint), then the overrides: no launch checks (the batch
     size of training need not divide this world size, its data.mirror need not exist here)."""
-    cfg = config.from_dict(state["config"])
-    for text in overrides:
-        config._set(cfg, *config.parse_override(text))
+    cfg = config.apply_overrides(config.from_dict(state["config"]), overrides)
     if cfg.data.mirror is not None and not Path(cfg.data.mirror).is_dir():
         cfg.data.mirror = None  # the training machine's mirror: fall back to Debian's copy or a download
     return cfg
@@ -58,53 +131,52 @@ def report(result: dict, path: Path) -> str:
     return "\n".join(lines)
 
 
+def write_outputs(result: dict, summary: dict, path: Path, out: Path) -> None:
+    """Rank 0: the report, <checkpoint>.eval.json, <checkpoint>.confusion.png, and the JSON line last."""
+    out.mkdir(parents=True, exist_ok=True)
+    print(report(result, path), flush=True)
+    json_path = out / f"{path.stem}.eval.json"
+    json_path.write_text(json.dumps({**summary, "classes": list(CLASSES), "confusion": result["confusion"]},
+                                    indent=1) + "\n")
+    written = [json_path]
+    try:
+        from .plots import plot_confusion
+
+        written.append(plot_confusion(result["confusion"], out / f"{path.stem}.confusion.png",
+                                      f"{path.name}, step {summary['step']}"))
+    except Exception as e:  # noqa: BLE001 - the numbers matter more than the picture
+        print(f"warning: no confusion PNG ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+    print("wrote " + ", ".join(map(str, written)), flush=True)
+    print(json.dumps(summary), flush=True)  # the last line: one JSON object for scripts
+
+
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m resnet_dist.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/NAME/checkpoints/last.pt)")
+    p.add_argument("--out", help="folder for the JSON and PNG (default: the checkpoint's folder)")
+    args = cli.parse(p, sys.argv[1:] if argv is None else argv)
     path = Path(args.checkpoint)
     if not path.is_file():
-        usage_error(f"no checkpoint file at {path}")
+        cli.usage_error(f"no checkpoint file at {path}")
     try:
         state = checkpoint.load(path)  # weights_only: a crafted file cannot run code
         cfg = checkpoint_config(state, args.overrides)
     except (checkpoint.CheckpointError, config.ConfigError) as e:
-        usage_error(str(e))
-
-    import torch
-    from .model import build_model
-    from .trainer import autocast_for, evaluate_model, resolve_precision
+        cli.usage_error(str(e))
 
     env = distributed.setup(cfg.dist.timeout_s)
     try:
         raw = prepare(cfg.data.root, cfg.data.mirror)  # one process prepares, under a lock
-        test_x, test_y = load_split(raw, "test", cfg.data.test_subset)
-        model = build_model(cfg.model)
-        model.load_state_dict(state["ema"]["weights"] if state.get("ema") else state["model"])  # what training evaluated
-        model.to(env.device)
-        if env.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        precision = resolve_precision(cfg.train.precision, env.device)
-        result = evaluate_model(model, test_x.to(env.device), test_y.to(env.device), env, cfg.data.resize,
-                                cfg.data.eval_batch_size, autocast_for(precision, env.device), cfg.model.num_classes,
-                                cfg.train.tta_flip)
+        test_x, test_y = (t.to(env.device) for t in load_split(raw, "test", cfg.data.test_subset))
+        evaluator = Evaluator.from_config(cfg, env.device)
+        result = evaluator.evaluate(load_model(state, cfg, env.device), test_x, test_y, env)
         if env.is_main:
             summary = {k: v for k, v in result.items() if k != "confusion"}
             summary.update(checkpoint=str(path), step=state["progress"]["global_step"],
-                           epoch=state["progress"]["epoch"], world_size=env.world_size, precision=precision)
-            out = Path(args.out) if args.out else path.parent
-            out.mkdir(parents=True, exist_ok=True)
-            print(report(result, path), flush=True)
-            json_path = out / f"{path.stem}.eval.json"
-            json_path.write_text(json.dumps({**summary, "classes": list(CLASSES), "confusion": result["confusion"]},
-                                            indent=1) + "\n")
-            written = [json_path]
-            try:
-                from .plots import plot_confusion
-                written.append(plot_confusion(result["confusion"], out / f"{path.stem}.confusion.png",
-                                              f"{path.name}, step {summary['step']}"))
-            except Exception as e:  # noqa: BLE001 - the numbers matter more than the picture
-                print(f"warning: no confusion PNG ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
-            print("wrote " + ", ".join(map(str, written)), flush=True)
-            print(json.dumps(summary), flush=True)  # the last line: one JSON object for scripts
+                           epoch=state["progress"]["epoch"], world_size=env.world_size,
+                           precision=evaluator.precision)
+            write_outputs(result, summary, path, Path(args.out) if args.out else path.parent)
         return 0
     except DataError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -1,16 +1,113 @@
-"""Loggers behind one small protocol (`log(record)`, `close()`); rank 0 gets real ones, others a no-op."""
+"""The training meter, and the loggers behind one small protocol (`log(record, media)`, `close()`):
+rank 0 gets real loggers, the other ranks a no-op. Loggers only format and send what they are given."""
+
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+
+from .distributed import all_reduce_sum
+
+
+class TrainMeter:
+    """Training loss and accuracy, and the training clock, from step to log interval to epoch.
+
+    `add()` keeps each step's (loss sum, correct) on the device: no host sync per step. `flush()` sums the
+    interval over ranks, the interval's one collective and host sync. The clock counts training time only:
+    evaluation and checkpoints run inside `with meter.paused():`.
+    """
+
+    def __init__(self, device: torch.device, global_batch: int):
+        self.global_batch = global_batch  # images per step over all ranks
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's open interval
+        self.steps = 0  # steps in the open interval
+        self.epoch_sums = [0.0, 0.0, 0]  # loss sum, correct, images of the epoch so far: already over all ranks
+        self.epoch_s = self.interval_s = 0.0  # training seconds of the epoch / of the open interval
+        self.train_s = 0.0  # training seconds of this process, all epochs
+        self._mark: float | None = None  # when the clock was last read; None while it is stopped
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        with torch.no_grad():
+            correct = (logits.argmax(1) == labels).sum()
+            self.sums += torch.stack([loss.detach().double() * len(labels), correct.double()])
+        self.steps += 1
+
+    def _read_clock(self) -> None:
+        now = time.perf_counter()
+        if self._mark is not None:
+            self.interval_s += now - self._mark
+        self._mark = now
+
+    def start_clock(self) -> None:
+        self._mark = time.perf_counter()
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside is not training time (evaluation, checkpoints)."""
+        self._read_clock()
+        try:
+            yield
+        finally:
+            self._mark = time.perf_counter()
+
+    def flush(self) -> dict:
+        """Sum the open interval over ranks and close it: its loss, accuracy, images and images/s."""
+        loss_sum, correct = all_reduce_sum(self.sums).tolist()
+        self._read_clock()  # after the sync: the device has finished the interval's work
+        n = self.steps * self.global_batch
+        self.epoch_sums = [self.epoch_sums[0] + loss_sum, self.epoch_sums[1] + correct, self.epoch_sums[2] + n]
+        interval = {"train/loss": loss_sum / n, "train/acc": correct / n,
+                    "images_per_s": n / self.interval_s if self.interval_s > 0 else 0.0}
+        self.epoch_s += self.interval_s
+        self.train_s += self.interval_s
+        self.sums.zero_()
+        self.steps, self.interval_s = 0, 0.0
+        return interval
+
+    def end_epoch(self) -> dict:
+        """The epoch's loss, accuracy and images/s over all ranks; the next epoch starts from zero."""
+        loss_sum, correct, n = self.epoch_sums
+        epoch = {"train/loss": loss_sum / n, "train/acc": correct / n, "images_per_s": n / self.epoch_s}
+        self.epoch_sums, self.epoch_s = [0.0, 0.0, 0], 0.0
+        return epoch
+
+    def state_dict(self) -> dict:
+        """Collective (the open interval is summed over ranks), so a resume on any world size carries it."""
+        loss_sum, correct = all_reduce_sum(self.sums.clone()).tolist()
+        return {"interval": [loss_sum, correct], "interval_steps": self.steps,
+                "epoch_sums": list(self.epoch_sums), "epoch_time": self.epoch_s}
+
+    def load_state_dict(self, state: dict, is_main: bool) -> None:
+        self.sums.zero_()
+        if is_main:  # the open interval was summed over ranks: rank 0 carries it alone
+            self.sums += torch.tensor(state["interval"], dtype=torch.float64, device=self.sums.device)
+        self.steps = state["interval_steps"]
+        self.epoch_sums, self.epoch_s = list(state["epoch_sums"]), state["epoch_time"]
+
+
+@dataclass
+class EpochMedia:
+    """What an epoch shows besides numbers: the test confusion matrix (rows true, columns predicted) and,
+    when a logger asks for them (`wants_examples`), misclassified test images (image, true, predicted)."""
+
+    epoch: int
+    confusion: list[list[int]]
+    misclassified: list[tuple] = field(default_factory=list)
 
 
 class NullLogger:
     """What every rank but 0 gets: logging is a no-op, not an `if` in the loop."""
 
-    def log(self, record: dict) -> None:
+    wants_examples = False  # whether EpochMedia should carry misclassified images (they cost an inference)
+
+    def log(self, record: dict, media: EpochMedia | None = None) -> None:
         pass
 
     def close(self) -> None:
@@ -23,7 +120,7 @@ class JsonlLogger(NullLogger):
     def __init__(self, path: Path):
         self.f = open(path, "a")
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, media: EpochMedia | None = None) -> None:
         self.f.write(json.dumps(record) + "\n")
         self.f.flush()
 
@@ -45,7 +142,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 class ConsoleLogger(NullLogger):
     """A plain line per epoch (the SLURM log reads well); step records only go to the other loggers."""
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, media: EpochMedia | None = None) -> None:
         if record.get("kind") != "epoch":
             return
         print(f"epoch {record['epoch'] + 1} step {record['step']}: train loss {record['train/loss']:.4f} "
@@ -56,10 +153,11 @@ class ConsoleLogger(NullLogger):
 class MultiLogger(NullLogger):
     def __init__(self, *loggers):
         self.loggers = loggers
+        self.wants_examples = any(lg.wants_examples for lg in loggers)
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, media: EpochMedia | None = None) -> None:
         for lg in self.loggers:
-            lg.log(record)
+            lg.log(record, media)
 
     def close(self) -> None:
         for lg in self.loggers:

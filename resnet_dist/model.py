@@ -1,5 +1,11 @@
-"""The original ResNet-18: `Residual` blocks with an optional 1x1 projection, built by `resnet_block`."""
+"""The original ResNet-18 (`Residual` blocks with an optional 1x1 projection, built by `resnet_block`), and how it
+meets the device: memory format and torch.compile."""
 from __future__ import annotations
+
+import os
+import shutil
+import sys
+import sysconfig
 
 import torch
 from torch import nn
@@ -61,3 +67,34 @@ def build_model(cfg) -> nn.Sequential:
             elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return net
+
+
+def memory_format(device: torch.device, channels_last: bool) -> torch.memory_format:
+    """channels_last on CUDA when asked (cuDNN's NHWC kernels are the fast ones under autocast); contiguous
+    on CPU, where it gains nothing. The one place this is decided: model, training and evaluation inputs."""
+    return torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+
+
+def compile_unavailable(device: torch.device, which=shutil.which, include_dir: str | None = None) -> str | None:
+    """Why torch.compile cannot work here, or None: Inductor builds C/C++ code, which needs a compiler and
+    the Python headers (a bare machine or container often has neither)."""
+    names = ("cc", "gcc", "clang") if device.type == "cuda" else ("c++", "g++", "clang++")
+    env_var = "CC" if device.type == "cuda" else "CXX"
+    if not (os.environ.get(env_var) or any(which(n) for n in names)):
+        return f"no C{'' if device.type == 'cuda' else '++'} compiler ({'/'.join(names)}) on PATH"
+    include_dir = include_dir or sysconfig.get_paths()["include"]
+    if not os.path.isfile(os.path.join(include_dir, "Python.h")):
+        return f"no Python headers ({include_dir}/Python.h)"
+    return None
+
+
+def compiled(module: nn.Module, device: torch.device, warn: bool) -> nn.Module:
+    """torch.compile(module), or the module itself with one warning line where Inductor cannot build."""
+    missing = compile_unavailable(device)
+    if missing is None:
+        return torch.compile(module)
+    if warn:
+        print(f"warning: train.compile=true needs a compiler toolchain, but there is {missing}: training "
+              "without torch.compile (install gcc, g++ and python3-dev, or set train.compile=false)",
+              file=sys.stderr, flush=True)
+    return module

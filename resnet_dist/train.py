@@ -8,24 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, config, distributed, wandb_logger
-from .data import DataError
-from .trainer import Trainer, configure_backends
+from . import checkpoint, cli, config, distributed, wandb_logger
+from .data import DataError, load_splits
 from .metrics import ConsoleLogger, JsonlLogger, MultiLogger, NullLogger, truncate_jsonl
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m resnet_dist.train", description=__doc__)
-    p.add_argument("--config", help="YAML file over the built-in defaults")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=0.1")
-    return p.parse_intermixed_args(argv)  # options may follow the overrides
-
-
-def usage_error(msg: str) -> "NoReturn":  # noqa: F821
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
+from .optim import configure_backends
+from .trainer import Outcome, Trainer
 
 TORCHRUN_MARK = ".torchrun_id"  # in a run directory: the id of the torchrun job that made it
 
@@ -100,11 +87,14 @@ def resume_state(cfg: config.Config, ckpt_dir: Path, env: distributed.DistEnv):
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = config.load(args.config, args.overrides)
+    p = argparse.ArgumentParser(prog="python -m resnet_dist.train", description=__doc__)
+    p.add_argument("--config", help="YAML file over the built-in defaults")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    args = cli.parse(p, sys.argv[1:] if argv is None else argv)
+    try:  # the launcher's world size, read from the environment before any process group exists
+        cfg = config.load(args.config, args.overrides, world_size=distributed.detect()["world_size"])
     except config.ConfigError as e:
-        usage_error(str(e))
+        cli.usage_error(str(e))
     if args.print_config:
         print(config.to_yaml(cfg), end="")
         return 0
@@ -112,10 +102,11 @@ def main(argv=None) -> int:
     try:
         env = distributed.setup(cfg.dist.timeout_s)
     except distributed.LaunchError as e:  # a launch mistake: one line, exit 2, before anything is created
-        usage_error(str(e))
+        cli.usage_error(str(e))
     if env.is_main:
         for warning in env.warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
+    logger = NullLogger()
     try:
         run_dir = Path(cfg.run.dir) / distributed.broadcast_object(run_name(cfg))
         if env.is_main:
@@ -124,7 +115,7 @@ def main(argv=None) -> int:
             if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
                 (run_dir / TORCHRUN_MARK).write_text(os.environ["TORCHELASTIC_RUN_ID"])
         state = resume_state(cfg, run_dir / "checkpoints", env)
-        logger, wb = NullLogger(), None
+        wb = None
         if env.is_main:
             if state is not None:
                 truncate_jsonl(run_dir / "metrics.jsonl", state["progress"]["global_step"])
@@ -132,12 +123,12 @@ def main(argv=None) -> int:
             wb = wandb_logger.start(cfg, run_dir, run_dir.name, state.get("wandb_id") if state else None)
             logger = MultiLogger(ConsoleLogger(), JsonlLogger(run_dir / "metrics.jsonl"), *([wb] if wb else []))
         configure_backends(env.device)
-        trainer = Trainer(cfg, env, run_dir, logger, preemption=distributed.Preemption(env).install())
+        data = load_splits(cfg.data, env.device)
+        # every checkpoint carries the W&B run id: a resumed or requeued job continues the same W&B run
+        trainer = Trainer(cfg, env, data, run_dir, logger, preemption=distributed.Preemption(env).install(),
+                          meta={"wandb_id": wb.id if wb else None})
         if state is not None:
             trainer.load_state_dict(state)
-        if wb is not None:
-            wb.attach(trainer)  # for the confusion matrix and the misclassified images of each epoch
-            trainer.wandb_id = wb.id  # the next checkpoint stores it: a resumed or requeued job continues this run
         if env.is_main:
             print(f"resnet_dist: launcher={env.launcher} world_size={env.world_size} nodes={env.num_nodes} "
                   f"backend={env.backend or 'none'} device={env.device} precision={trainer.precision} "
@@ -149,15 +140,13 @@ def main(argv=None) -> int:
         outcome = trainer.fit()
         if env.is_main:
             write_plots(run_dir, trainer.history)
-        logger.close()
-        if env.is_main:
-            s = trainer.seconds
+            s = trainer.time_split()
             print(f"time: training {s['train']:.1f} s, evaluation {s['eval']:.1f} s, checkpoints {s['save']:.1f} s",
                   flush=True)
-        if env.is_main and outcome == "done":
-            print(f"finished: {run_dir}", flush=True)
-        if env.is_main and outcome == "preempted" and cfg.checkpoint.requeue:
-            requeue_slurm_job()
+            if outcome is Outcome.DONE:
+                print(f"finished: {run_dir}", flush=True)
+            elif cfg.checkpoint.requeue:
+                requeue_slurm_job()
         return 0
     except (checkpoint.CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -169,6 +158,7 @@ def main(argv=None) -> int:
         print(f"error (rank {env.rank}): {hint}", file=sys.stderr, flush=True)
         return 1
     finally:
+        logger.close()
         distributed.teardown()
 
 

@@ -20,21 +20,16 @@ import shutil
 import socket
 import string
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torch
-
 from .data import CLASSES
-from .metrics import NullLogger
-from .trainer import predict
+from .metrics import EpochMedia, NullLogger
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 EPOCH_KEYS = {"train/loss": "train/epoch_loss", "train/acc": "train/epoch_acc",
               "images_per_s": "epoch_images_per_s", "lr": None, "kind": None, "step": None}
 STEP_KEYS = {"kind": None, "step": None}
-PANEL_IMAGES, PANEL_SCAN = 16, 256  # show up to 16 errors among the first 256 test images: cheap at any size
 
 
 def warn(msg: str, env=os.environ) -> None:
@@ -142,40 +137,24 @@ def discard_failed_run(wandb, run_dir: Path, run_id: str) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@torch.no_grad()
-def misclassified(model, images: torch.Tensor, labels: torch.Tensor, resize, autocast=nullcontext(),
-                  tta_flip: bool = False, limit: int = PANEL_IMAGES, scan: int = PANEL_SCAN) -> list[tuple]:
-    """(uint8 image, true class, predicted class) for up to `limit` errors among the first `scan` test images.
-
-    Runs on rank 0 alone: the plain module (not DDP) in eval mode has no collectives.
-    """
-    was_training = model.training
-    model.eval()
-    x, y = images[:scan], labels[:scan]
-    pred = predict(model, x, resize, autocast, tta_flip).argmax(1)  # as the evaluation predicts
-    model.train(was_training)
-    wrong = (pred != y).nonzero().flatten()[:limit].tolist()
-    return [(x[i].reshape(x.shape[-2], x.shape[-1]).cpu().numpy(), int(y[i]), int(pred[i])) for i in wrong]
-
-
 class WandbLogger(NullLogger):
-    """Logs the trainer's records to one W&B run; `attach(trainer)` adds the confusion matrix and error panel."""
+    """Sends the trainer's records to one W&B run, with each epoch's confusion matrix and misclassified images."""
+
+    wants_examples = True
 
     def __init__(self, run, offline: bool):
-        self.run, self.offline, self.trainer = run, offline, None
+        self.run, self.offline = run, offline
         self.id = run.id
         self.sync_dir = Path(run.dir).parent  # .../wandb/offline-run-<time>-<id>
 
-    def attach(self, trainer) -> None:
-        self.trainer = trainer
-
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, media: EpochMedia | None = None) -> None:
         if self.run is None:
             return
         try:
             if record.get("kind") == "epoch":
                 data = {EPOCH_KEYS.get(k, k): v for k, v in record.items() if EPOCH_KEYS.get(k, k)}
-                data.update(self.epoch_media(record["epoch"]))
+                if media is not None:
+                    data.update(self.epoch_media(media))
             else:
                 data = {k: v for k, v in record.items() if k not in STEP_KEYS}
             self.run.log(data, step=record["step"])
@@ -183,23 +162,20 @@ class WandbLogger(NullLogger):
             warn(f"W&B logging failed ({one_line(e)}); W&B is off for the rest of this run")
             self.run = None
 
-    def epoch_media(self, epoch: int) -> dict:
+    @staticmethod
+    def epoch_media(media: EpochMedia) -> dict:
         import wandb
-        t, out = self.trainer, {}
-        if t is None:
-            return out
-        if t.history and t.history[-1].get("epoch") == epoch:
-            conf = t.history[-1]["confusion"]
-            rows = [[CLASSES[i], CLASSES[j], conf[i][j]] for i in range(len(conf)) for j in range(len(conf))]
-            table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=rows)
-            out["test/confusion"] = wandb.plot_table(
-                "wandb/confusion_matrix/v1", table,
-                {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
-                {"title": f"Test confusion matrix, epoch {epoch + 1}"})
-        errors = misclassified(t.ema.module, t.test_x, t.test_y, t.cfg.data.resize, t.autocast, t.cfg.train.tta_flip)
-        if errors:
+
+        conf, n = media.confusion, len(media.confusion)
+        rows = [[CLASSES[i], CLASSES[j], conf[i][j]] for i in range(n) for j in range(n)]
+        table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=rows)
+        out = {"test/confusion": wandb.plot_table(
+            "wandb/confusion_matrix/v1", table,
+            {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+            {"title": f"Test confusion matrix, epoch {media.epoch + 1}"})}
+        if media.misclassified:
             out["test/misclassified"] = [wandb.Image(img, caption=f"true: {CLASSES[y]} / predicted: {CLASSES[p]}")
-                                         for img, y, p in errors]
+                                         for img, y, p in media.misclassified]
         return out
 
     def close(self) -> None:

@@ -122,7 +122,7 @@ class SlurmCluster:
         self.started: list[Path] = []  # pid files of the daemons we started, in start order
 
     # ---- bring up ------------------------------------------------------------------------------
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         for d in ("state", "spool", "run", "log", "munge"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)

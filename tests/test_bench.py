@@ -2,8 +2,9 @@
 import json
 
 import pytest
+import torch
 
-from .conftest import PY, run, torchrun
+from .helpers import PY, run, torchrun
 
 SHORT = ["--steps", "2", "--warmup", "1", "train.batch_size=32", "data.train_subset=256", "data.test_subset=64"]
 
@@ -42,3 +43,21 @@ def test_bench_bad_arguments_exit_2(tmp_path):
     assert proc.returncode == 2 and not (tmp_path / "b.json").exists()
     proc = run([PY, "-m", "resnet_dist.bench", "train.lr=-1", "--out", str(tmp_path / "b.json")])
     assert proc.returncode == 2 and "train.lr" in proc.stderr
+
+
+@pytest.mark.parametrize("name, precision, tf32, want", [
+    ("NVIDIA H100 80GB HBM3", "bf16", True, 989.4), ("NVIDIA H100 PCIe", "bf16", True, 756.5),
+    ("NVIDIA H100 NVL", "bf16", True, 835.5), ("NVIDIA H200", "fp16", False, 989.4),
+    ("NVIDIA H200", "fp32", True, 494.7), ("NVIDIA H200", "fp32", False, 66.9),
+    ("NVIDIA L4", "bf16", True, 121.0), ("NVIDIA L40", "bf16", True, 181.0), ("NVIDIA L40S", "bf16", True, 362.0),
+    ("Tesla V100-SXM2-16GB", "fp32", True, 15.7),  # no TF32 before Ampere
+    ("NVIDIA H100", "bf16", True, None), ("NVIDIA GeForce RTX 3060", "bf16", True, None),  # unknown: no guess
+])
+def test_peak_by_exact_gpu_name(name, precision, tf32, want):
+    from resnet_dist.bench import peak_tflops
+    assert peak_tflops(name, precision, tf32) == want
+
+
+def test_matmul_ceiling_is_measured():
+    from resnet_dist.bench import matmul_ceiling_tflops
+    assert matmul_ceiling_tflops(torch.device("cpu"), n=128, iters=2) > 0

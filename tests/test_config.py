@@ -7,7 +7,7 @@ import yaml
 from resnet_dist import config
 from resnet_dist.config import ConfigError
 
-from .conftest import PY, REPO, clean_env
+from .helpers import PY, REPO, clean_env
 
 
 def test_defaults_are_the_original_recipe_numbers():

@@ -94,7 +94,7 @@ def test_lock_of_a_dead_process_is_broken(tmp_path):
 def test_live_lock_times_out_with_a_clear_message(tmp_path):
     lock = tmp_path / "lk"
     lock.mkdir()
-    (lock / "owner").write_text(f"otherhost 1")
+    (lock / "owner").write_text("otherhost 1")
     with pytest.raises(data.DataError, match="waited"):
         with data.dir_lock(lock, timeout_s=0.5):
             pass

@@ -2,7 +2,7 @@ import pytest
 
 from resnet_dist import distributed
 
-from .conftest import PY, in_gloo_group, run, torchrun
+from .helpers import PY, in_gloo_group, run, torchrun
 
 
 @pytest.mark.parametrize("nodelist, first", [

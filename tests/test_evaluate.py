@@ -1,29 +1,16 @@
-"""`python -m resnet_dist.evaluate`: a checkpoint's exact test metrics, the same on 1 and 3 ranks."""
+"""Exact evaluation: the same numbers on 1, 2 and 3 ranks, in real gloo groups, and `python -m resnet_dist.evaluate`
+on a trained checkpoint."""
 import json
 
 import pytest
+import torch
 
-from resnet_dist.trainer import CLASS_KEYS
+from resnet_dist.config import ModelConfig, load
+from resnet_dist.data import load_split
+from resnet_dist.evaluate import CLASS_KEYS, Evaluator
+from resnet_dist.model import build_model
 
-from .conftest import PY, epochs, read_metrics, run, small_run, torchrun
-
-
-def trained_run(tmp_path_factory, data_root):
-    """One epoch, one process, W&B off: a run directory with its checkpoint, metrics.jsonl and PNGs.
-
-    Trained once per session and shared with test_plots.py (a fixture imported into another module
-    would be a second fixture, and train twice).
-    """
-    base = tmp_path_factory.getbasetemp() / "trained"
-    if not (base / "t" / "checkpoints" / "last.pt").is_file():
-        proc = run([PY, "-m", "resnet_dist.train", *small_run(data_root, base, "t", "train.epochs=1")])
-        assert proc.returncode == 0, proc.stderr
-    return base / "t"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root):
-    return trained_run(tmp_path_factory, data_root)
+from .helpers import PY, epochs, in_gloo_group, read_metrics, run, torchrun
 
 
 def evaluate_cmd(nproc: int) -> list[str]:
@@ -78,3 +65,48 @@ def test_usage_errors_exit_2_with_one_line(trained, args, words):
     proc = run(evaluate_cmd(1) + args, timeout=60)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr, proc.stderr
+
+
+N_TEST = 1001  # divides by neither 2 nor 3: shards have unequal sizes
+
+
+def _evaluate_in_group(env, raw):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(stem="imagenet"))
+    # a few BatchNorm statistics from training mode, so eval mode is not the identity
+    x, y = load_split(raw, "test", N_TEST)
+    model.train()
+    with torch.no_grad():
+        model((x[:256].float() / 255 - 0.286) / 0.353)
+    evaluator = Evaluator.from_config(load(None, ["data.eval_batch_size=100"], world_size=1), env.device)
+    return evaluator.evaluate(model, x, y, env)
+
+
+def test_evaluation_is_identical_for_1_2_and_3_ranks(data_root):
+    raw = data_root / "FashionMNIST" / "raw"
+    by_world = {w: in_gloo_group(_evaluate_in_group, w, raw) for w in (1, 2, 3)}
+    ref = by_world[1][0]
+    assert ref["test/samples"] == N_TEST
+    assert sum(map(sum, ref["confusion"])) == N_TEST
+    for w, per_rank in by_world.items():
+        for rank, res in enumerate(per_rank):  # every rank holds the global result
+            assert res["test/samples"] == N_TEST, (w, rank)
+            assert res["test/acc"] == ref["test/acc"], (w, rank)
+            assert res["confusion"] == ref["confusion"], (w, rank)
+            assert abs(res["test/loss"] - ref["test/loss"]) < 1e-6, (w, rank)
+
+
+def test_predict_normalizes_and_averages_the_mirror_with_flip_tta():
+    from resnet_dist.data import normalize
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig()).eval()
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    x = normalize(images, None)
+    with torch.no_grad():
+        plain, mirrored = model(x), model(x.flip(-1))
+    cfg = load(None, [], world_size=1)
+    assert torch.allclose(Evaluator.from_config(cfg, torch.device("cpu")).predict(model, images), plain)
+    cfg.train.tta_flip = True
+    assert torch.allclose(Evaluator.from_config(cfg, torch.device("cpu")).predict(model, images),
+                          (plain + mirrored) / 2)

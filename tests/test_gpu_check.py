@@ -1,7 +1,7 @@
 """launch/gpu_check.sh, the first command of a GPU session, run end to end in its dry mode on CPU so it cannot rot."""
 import json
 
-from .conftest import run
+from .helpers import run
 
 
 def test_gpu_check_dry_run(tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from resnet_dist import distributed, train
 
-from .conftest import PY, REPO, clean_env, epochs, free_port, read_metrics, run, small_run
+from .helpers import PY, REPO, clean_env, epochs, free_port, read_metrics, run, small_run
 
 TINY = ("data.train_subset=256", "train.epochs=1", "log.every_steps=2")  # after small_run's: these win
 

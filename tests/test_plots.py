@@ -2,19 +2,12 @@
 import json
 import struct
 
-import pytest
 import torch
 from matplotlib import image as mpimg
 
 from resnet_dist import plots
 
-from .conftest import PY, run
-from .test_evaluate import trained_run
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root):
-    return trained_run(tmp_path_factory, data_root)  # the run test_evaluate.py uses: trained once
+from .helpers import PY, run
 
 
 def png_size(path) -> tuple[int, int]:

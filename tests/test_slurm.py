@@ -11,8 +11,8 @@ import pytest
 
 from resnet_dist import distributed
 
-from .conftest import PY, REPO, clean_env, epochs, read_metrics, small_run
-from .slurm_cluster import TERMINAL, slurm_cluster  # noqa: F401  (the session fixture)
+from .helpers import PY, REPO, clean_env, epochs, read_metrics, small_run
+from .slurm_cluster import TERMINAL
 
 pytestmark = pytest.mark.slurm
 

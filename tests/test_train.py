@@ -4,9 +4,9 @@ import json
 import torch
 
 from resnet_dist import checkpoint
-from resnet_dist.trainer import CLASS_KEYS
+from resnet_dist.evaluate import CLASS_KEYS
 
-from .conftest import PY, epochs, read_metrics, run, small_run, torchrun
+from .helpers import PY, epochs, read_metrics, run, small_run, torchrun
 
 EPOCH_KEYS = {"epoch", "step", "world_size", "train/loss", "train/acc", "test/loss", "test/acc", "test/samples",
               "images_per_s"}
@@ -31,7 +31,7 @@ def test_single_process_run(tmp_path, data_root):
     assert proc.returncode == 0, proc.stderr
     assert "launcher=none world_size=1" in proc.stdout
     assert "it/s" not in proc.stdout + proc.stderr  # not a terminal: plain lines, no progress bar
-    assert [l.split(":")[0] for l in proc.stdout.splitlines() if l.startswith("epoch ")] == ["epoch 1 step 8",
+    assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("epoch ")] == ["epoch 1 step 8",
                                                                                           "epoch 2 step 16"]
     ep = check_run(tmp_path / "one", world_size=1)
     assert ep[-1]["step"] == 2 * 512 // 64
@@ -72,7 +72,7 @@ def test_progress_bar_on_a_terminal(tmp_path, data_root):
     import pty
     import subprocess
 
-    from .conftest import REPO, clean_env
+    from .helpers import REPO, clean_env
     args = [PY, "-m", "resnet_dist.train", *small_run(data_root, tmp_path, "tty", "train.epochs=1",
                                                        "data.train_subset=256")]
     master, slave = pty.openpty()
@@ -110,3 +110,10 @@ def test_run_names(tmp_path):
     restarted = {"TORCHELASTIC_RUN_ID": "xyz", "TORCHELASTIC_RESTART_COUNT": "1"}
     assert run_name(cfg, restarted) == "first"
     assert run_name(cfg, {**restarted, "TORCHELASTIC_RESTART_COUNT": "0"}) not in ("first", "older")
+
+
+def test_small_per_rank_batch_warns_on_gpus_only():
+    from resnet_dist.train import small_batch_warning
+    assert small_batch_warning(torch.device("cpu"), 32, 2) is None
+    assert small_batch_warning(torch.device("cuda"), 128, 4) is None
+    assert "64 images per rank" in small_batch_warning(torch.device("cuda"), 64, 8)

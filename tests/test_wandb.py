@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from resnet_dist import config, wandb_logger
-from resnet_dist.trainer import CLASS_KEYS
+from resnet_dist.evaluate import CLASS_KEYS
 
-from .conftest import PY, epochs, free_port, read_metrics, run, small_run, torchrun
+from .helpers import PY, epochs, free_port, read_metrics, run, small_run, torchrun
 from .wandb_reader import read_run, wandb_files
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef0fa4e5ee"  # 40 characters, like a real key

@@ -1,4 +1,5 @@
-"""The trainer's small parts, each alone: precision choice, LR schedules, optimizer groups, EMA."""
+"""optim.py, each part alone: precision choice, the SGD kernel, optimizer groups and state, LR schedules, EMA,
+the cuDNN settings."""
 import math
 
 import pytest
@@ -6,8 +7,16 @@ import torch
 
 from resnet_dist.config import ModelConfig, TrainConfig
 from resnet_dist.model import build_model
-from resnet_dist.trainer import (EMA, NoEMA, compile_unavailable, configure_backends, load_optimizer_state,
-                                 lr_factor, make_optimizer, optimizer_impl, resolve_precision)
+from resnet_dist.optim import (
+    EMA,
+    NoEMA,
+    configure_backends,
+    load_optimizer_state,
+    lr_factor,
+    make_optimizer,
+    optimizer_impl,
+    resolve_precision,
+)
 
 CPU = torch.device("cpu")
 
@@ -69,19 +78,6 @@ def test_ema_follows_the_weights_and_off_is_the_model_itself():
     assert NoEMA(model).module is model and NoEMA(model).state_dict() is None
 
 
-def test_predict_normalizes_and_averages_the_mirror_with_flip_tta():
-    from resnet_dist.data import normalize
-    from resnet_dist.trainer import predict
-    torch.manual_seed(0)
-    model = build_model(ModelConfig()).eval()
-    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
-    x = normalize(images, None)
-    with torch.no_grad():
-        plain, mirrored = model(x), model(x.flip(-1))
-    assert torch.allclose(predict(model, images, None), plain)
-    assert torch.allclose(predict(model, images, None, tta_flip=True), (plain + mirrored) / 2)
-
-
 @pytest.mark.parametrize("device, precision, fused", [("cuda", "bf16", True), ("cuda", "fp32", True),
                                                       ("cuda", "fp16", False), ("cpu", "fp32", False),
                                                       ("cpu", "bf16", False)])
@@ -131,16 +127,6 @@ def test_ema_update_matches_torchs_averaged_model_and_keeps_no_host_state():
     assert again.count == 3
 
 
-def test_compile_falls_back_without_a_compiler_or_headers(tmp_path):
-    gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    assert "no C compiler" in compile_unavailable(gpu, which=lambda name: None)
-    assert "no C++ compiler" in compile_unavailable(cpu, which=lambda name: None)
-    assert "no Python headers" in compile_unavailable(cpu, which=lambda name: "/usr/bin/" + name,
-                                                       include_dir=str(tmp_path))
-    (tmp_path / "Python.h").write_text("")
-    assert compile_unavailable(gpu, which=lambda name: "/usr/bin/" + name, include_dir=str(tmp_path)) is None
-
-
 def test_cudnn_benchmark_on_gpus():
     before = torch.backends.cudnn.benchmark
     try:
@@ -151,28 +137,3 @@ def test_cudnn_benchmark_on_gpus():
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark = before
-
-
-def test_small_per_rank_batch_warns_on_gpus_only():
-    from resnet_dist.train import small_batch_warning
-    assert small_batch_warning(CPU, 32, 2) is None
-    assert small_batch_warning(torch.device("cuda"), 128, 4) is None
-    assert "64 images per rank" in small_batch_warning(torch.device("cuda"), 64, 8)
-
-
-@pytest.mark.parametrize("name, precision, tf32, want", [
-    ("NVIDIA H100 80GB HBM3", "bf16", True, 989.4), ("NVIDIA H100 PCIe", "bf16", True, 756.5),
-    ("NVIDIA H100 NVL", "bf16", True, 835.5), ("NVIDIA H200", "fp16", False, 989.4),
-    ("NVIDIA H200", "fp32", True, 494.7), ("NVIDIA H200", "fp32", False, 66.9),
-    ("NVIDIA L4", "bf16", True, 121.0), ("NVIDIA L40", "bf16", True, 181.0), ("NVIDIA L40S", "bf16", True, 362.0),
-    ("Tesla V100-SXM2-16GB", "fp32", True, 15.7),  # no TF32 before Ampere
-    ("NVIDIA H100", "bf16", True, None), ("NVIDIA GeForce RTX 3060", "bf16", True, None),  # unknown: no guess
-])
-def test_peak_by_exact_gpu_name(name, precision, tf32, want):
-    from resnet_dist.bench import peak_tflops
-    assert peak_tflops(name, precision, tf32) == want
-
-
-def test_matmul_ceiling_is_measured():
-    from resnet_dist.bench import matmul_ceiling_tflops
-    assert matmul_ceiling_tflops(CPU, n=128, iters=2) > 0

@@ -1,0 +1,23 @@
+"""What the entry points share: KEY=VALUE arguments after the options, and one-line errors with exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The parser's options plus `overrides` (KEY=VALUE ...), in any order."""
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=0.1")
+    return parser.parse_intermixed_args(argv)
+
+
+def fail(msg: str, code: int = 1) -> NoReturn:
+    """One line on stderr and exit `code`: 2 for usage, config and launch errors, 1 for run-time failures."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def usage_error(msg: str) -> NoReturn:
+    fail(msg, 2)

@@ -1,0 +1,240 @@
+"""The Trainer in-process: fit() on synthetic tensors, its state round trip, resume across precisions and
+devices, the checkpoint cadence, torch.compile's fallback, DDP's in-place gradients, the preemption agreement."""
+
+import collections
+import math
+
+import pytest
+import torch
+
+from resnet_dist import checkpoint
+from resnet_dist.config import load as load_config
+from resnet_dist.data import Splits, load_splits
+from resnet_dist.distributed import DistEnv, Preemption
+from resnet_dist.metrics import NullLogger
+from resnet_dist.trainer import Outcome, Trainer
+
+from .helpers import RESUME, in_gloo_group, small_run
+
+CPU_ENV = DistEnv(rank=0, local_rank=0, world_size=1, launcher="none", device=torch.device("cpu"), backend=None)
+
+
+def _tiny_trainer(data_root, run_dir, *overrides, meta=None):
+    cfg = load_config(None, small_run(data_root, run_dir, "rt", *RESUME, *overrides), world_size=1)
+    trainer = Trainer(cfg, CPU_ENV, load_splits(cfg.data, CPU_ENV.device), run_dir / "rt", meta=meta)
+    # fp16 autocast is very slow on CPU: an enabled GradScaler over fp32 math gives the scaler a real state
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    return trainer
+
+
+def _flat(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flat(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _flat(v, f"{prefix}/{i}")
+    else:
+        yield prefix, obj
+
+
+def test_state_round_trip_of_every_part(tmp_path, data_root):
+    a = _tiny_trainer(data_root, tmp_path, meta={"wandb_id": "abc123"})
+    batches = a.batches.epoch(0, a.gen)
+    for _ in range(3):
+        a.train_step(*next(batches))
+        a.step_in_epoch += 1
+        a.global_step += 1
+    saved = a.state_dict()
+    assert not any(k.startswith("module.") for k in saved["model"])
+    assert {"model", "optimizer", "scheduler", "scaler", "progress", "rng", "config", "world_size",
+            "wandb_id"} <= saved.keys()
+    assert saved["scaler"]["scale"] == 2048.0 and saved["optimizer"]["state"]  # scaler grew once; momentum buffers
+    path = checkpoint.save(saved, tmp_path / "ck", a.global_step, keep=2)
+    b = _tiny_trainer(data_root, tmp_path, "run.seed=5", meta={"wandb_id": "abc123"})  # all from the file
+    b.load_state_dict(checkpoint.load(path))
+    again = b.state_dict()
+    flat_a, flat_b = dict(_flat(saved)), dict(_flat(again))
+    flat_a.pop("/config/run/seed"), flat_b.pop("/config/run/seed")
+    assert flat_a.keys() == flat_b.keys()
+    for k, v in flat_a.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, flat_b[k]), k
+        else:
+            assert v == flat_b[k], k
+    # and the next step is the same in both
+    xa, ya = next(a.batches.epoch(0, a.gen, start_step=3))
+    xb, yb = next(b.batches.epoch(0, b.gen, start_step=3))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def _trainer(data_root, run_dir, *overrides):
+    """An in-process single-process trainer on 32 real images at 8x8 pixels: fp16 / bf16 on CPU are slow."""
+    cfg = load_config(None, small_run(data_root, run_dir, "x", "data.train_subset=32", "train.batch_size=8",
+                                      "data.resize=8", "data.test_subset=16", "train.momentum=0.9", "data.flip=true",
+                                      "data.erasing=0.5", *overrides), world_size=1)
+    return Trainer(cfg, CPU_ENV, load_splits(cfg.data, CPU_ENV.device), run_dir / "x")
+
+
+def _steps(trainer, n):
+    it = trainer.batches.epoch(trainer.epoch, trainer.gen, start_step=trainer.step_in_epoch)
+    for _ in range(n):
+        trainer.train_step(*next(it))
+        trainer.step_in_epoch += 1
+        trainer.global_step += 1
+    loss, _ = trainer.meter.sums.tolist()
+    assert math.isfinite(loss)
+
+
+def test_resume_across_precisions(tmp_path, data_root):
+    """fp32 -> fp16 (an enabled GradScaler gets the fp32 run's empty scaler state) -> bf16 -> fp32."""
+    a = _trainer(data_root, tmp_path, "train.precision=fp32")
+    _steps(a, 1)
+    state = a.state_dict()
+    assert state["scaler"] == {}
+    b = _trainer(data_root, tmp_path, "train.precision=fp16")
+    b.load_state_dict(state)  # a fresh GradScaler rather than "the source state dict is empty"
+    _steps(b, 1)
+    state = b.state_dict()
+    assert state["scaler"]["scale"] > 0
+    c = _trainer(data_root, tmp_path, "train.precision=bf16")
+    c.load_state_dict(state)  # the fp16 run's scaler state into a disabled scaler: ignored
+    assert not c.scaler.is_enabled() and c.global_step == 2
+    d = _trainer(data_root, tmp_path, "train.precision=fp32")
+    d.load_state_dict(c.state_dict())
+    _steps(d, 1)
+    assert [(g["fused"], g["foreach"]) for g in d.optimizer.param_groups] == [(None, True)] * 2
+
+
+def test_augmentation_stream_from_another_device_is_reseeded(tmp_path, data_root, capsys):
+    a = _trainer(data_root, tmp_path)
+    _steps(a, 1)
+    state = a.state_dict()
+    for opt_group in state["optimizer"]["param_groups"]:  # as a bf16 run on a GPU saves them
+        opt_group.update(fused=True, foreach=None)
+    # a CUDA generator's state: 16 bytes (seed and offset), which a CPU generator cannot take
+    state["rng"][0].update(augment=torch.zeros(16, dtype=torch.uint8), augment_device="cuda")
+    b, c = _trainer(data_root, tmp_path), _trainer(data_root, tmp_path)
+    b.load_state_dict(state)
+    out = capsys.readouterr().out
+    assert "saved on cuda and cannot be restored on cpu: reseeded from run.seed and step 1" in out
+    c.load_state_dict(state)
+    assert torch.equal(b.gen.get_state(), c.gen.get_state())  # deterministic: the same stream every time
+    assert [(g["fused"], g["foreach"]) for g in b.optimizer.param_groups] == [(None, True)] * 2  # this device's
+    _steps(b, 1)
+    # an older checkpoint without the device key, but with a GPU's state: also reseeded
+    del state["rng"][0]["augment_device"]
+    d = _trainer(data_root, tmp_path)
+    d.load_state_dict(state)
+    assert torch.equal(d.gen.get_state(), c.gen.get_state())
+
+
+@pytest.mark.parametrize("overrides, saved_steps", [
+    (("checkpoint.every_epochs=2", "checkpoint.max_overhead=1"), [8, 16, 20]),  # epochs 2 and 4, and the last one
+    (("checkpoint.max_overhead=0.0001",), [4, 20]),  # the first epoch (nothing measured yet), then only the last
+])
+def test_epoch_end_checkpoint_cadence(tmp_path, data_root, overrides, saved_steps):
+    trainer = _trainer(data_root, tmp_path, "train.epochs=5", "checkpoint.keep=10", *overrides)
+    assert trainer.fit() is Outcome.DONE
+    assert [int(p.name[5:13]) for p in reversed(checkpoint.step_files(tmp_path / "x" / "checkpoints"))] == saved_steps
+
+
+def test_compile_without_a_compiler_trains_eagerly_with_one_warning(tmp_path, data_root, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc, c++ ... here
+    monkeypatch.delenv("CXX", raising=False)
+    trainer = _trainer(data_root, tmp_path, "train.compile=true")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: train.compile=true needs a compiler toolchain, but there "
+                                               "is no C++ compiler"), err
+    assert trainer.train_model is trainer.model  # not compiled
+    _steps(trainer, 1)
+
+
+def _gradient_ops_of_a_ddp_step(env, data_root, run_dir):
+    cfg = load_config(None, small_run(data_root, run_dir, "g", "data.train_subset=64", "train.batch_size=16",
+                                      "train.momentum=0.9"), world_size=2)
+    trainer = Trainer(cfg, env, load_splits(cfg.data, env.device))
+    it = trainer.batches.epoch(0, trainer.gen)
+    for _ in range(2):  # DDP rebuilds its buckets after the first step
+        trainer.train_step(*next(it))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        trainer.train_step(*next(it))
+    ops = collections.Counter(e.name for e in prof.events())
+    return ops["aten::div_"], len(list(trainer.model.parameters()))
+
+
+def test_ddp_gradients_are_zeroed_in_place(tmp_path, data_root):
+    """Zeroed in place (not set to None), the gradients stay views of DDP's buckets: the reducer averages
+    each one there (a div_ per gradient) instead of multiplying it into a new tensor and copying it back."""
+    for in_place_divs, params in in_gloo_group(_gradient_ops_of_a_ddp_step, 2, data_root, tmp_path):
+        assert in_place_divs >= params
+
+
+def synthetic(n_train: int = 64, n_test: int = 40, seed: int = 0) -> Splits:
+    """Random images whose class is their brightness: learnable in a few steps, no dataset needed."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        y = torch.randint(0, 10, (n,), generator=g)
+        x = (y.view(n, 1, 1, 1) * 25 + torch.randint(0, 25, (n, 1, 28, 28), generator=g)).to(torch.uint8)
+        return x, y
+
+    return Splits(*split(n_train), *split(n_test))
+
+
+class Recorder(NullLogger):
+    """Keeps what the trainer logs; raises the preemption flag at a chosen step, as a signal would."""
+
+    def __init__(self, preemption=None, at_step=None):
+        self.records, self.media, self.preemption, self.at_step = [], [], preemption, at_step
+
+    def log(self, record, media=None):
+        self.records.append(record)
+        if media is not None:
+            self.media.append(media)
+        if self.preemption is not None and record["step"] == self.at_step:
+            self.preemption.received = True
+
+
+SYNTH = ("data.train_subset=null", "data.test_subset=null", "train.batch_size=16", "train.epochs=2",
+         "log.every_steps=1", "data.eval_batch_size=16", "train.momentum=0.9", "train.lr=0.05")
+
+
+def test_fit_in_process_on_synthetic_tensors(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}", *SYNTH], world_size=1)
+    log = Recorder()
+    trainer = Trainer(cfg, CPU_ENV, synthetic(), tmp_path / "s", log)
+    assert trainer.fit() is Outcome.DONE
+    kinds = collections.Counter(r["kind"] for r in log.records)
+    assert kinds == {"step": 8, "epoch": 2}  # 64 images / 16 = 4 steps per epoch
+    ep = [r for r in log.records if r["kind"] == "epoch"]
+    assert [(r["epoch"], r["step"], r["test/samples"]) for r in ep] == [(0, 4, 40), (1, 8, 40)]
+    assert [m.epoch for m in log.media] == [0, 1] and sum(map(sum, log.media[-1].confusion)) == 40
+    assert log.media[-1].misclassified == []  # no logger asked for images: no inference spent on them
+    assert [p.name for p in checkpoint.step_files(tmp_path / "s" / "checkpoints")] == ["step-00000008.pt",
+                                                                                        "step-00000004.pt"]
+    assert set(trainer.time_split()) == {"train", "eval", "save"}
+
+
+def test_signal_in_process_stops_at_the_next_step_with_a_checkpoint(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}", *SYNTH], world_size=1)
+    preemption = Preemption(CPU_ENV)  # not installed: the recorder raises its flag at step 3
+    trainer = Trainer(cfg, CPU_ENV, synthetic(), tmp_path / "s", Recorder(preemption, at_step=3), preemption)
+    assert trainer.fit() is Outcome.PREEMPTED
+    assert trainer.global_step == 3
+    state = checkpoint.load(tmp_path / "s" / "checkpoints" / "last.pt")
+    assert state["progress"]["global_step"] == 3 and state["progress"]["step_in_epoch"] == 3
+
+
+def _fit_with_a_signal_on_rank_1(env, run_dir):
+    cfg = load_config(None, [f"run.dir={run_dir}", *SYNTH], world_size=2)  # 8 images per rank, 4 steps per epoch
+    preemption = Preemption(env)
+    log = Recorder(preemption if env.rank == 1 else None, at_step=2)  # rank 1 alone gets the signal
+    trainer = Trainer(cfg, env, synthetic(), run_dir / "s" if env.is_main else None, log, preemption)
+    return trainer.fit(), trainer.global_step
+
+
+def test_a_signal_on_one_rank_stops_both_at_the_same_step(tmp_path):
+    """The agreement in a real 2-rank gloo group: raised on rank 1 at step 2, read one step later by both."""
+    assert in_gloo_group(_fit_with_a_signal_on_rank_1, 2, tmp_path) == [(Outcome.PREEMPTED, 3)] * 2
+    assert checkpoint.load(tmp_path / "s" / "checkpoints" / "last.pt")["progress"]["global_step"] == 3
