@@ -7,6 +7,7 @@ and the tails of the logs. Checkpoints and the prepared data stay in $GPU_CHECK_
 
 GPU_CHECK_DRY=1 runs the same logic on CPU with tiny sizes (the test suite does), so that it cannot rot.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,19 @@ RESERVE_S = 10  # kept back to write the results
 
 # Dry mode: the same steps on CPU in seconds each (7x7 stem at 28x28, a few hundred images, a few steps, fp32:
 # bf16 and fp16 run at a few images per second on CPUs without native support). Appended last, so they win.
-TINY = ["model.stem=imagenet", "data.train_subset=128", "data.test_subset=100", "train.batch_size=32",
-        "data.eval_batch_size=100", "log.every_steps=2", "train.precision=fp32"] if DRY else []
+TINY = (
+    [
+        "model.stem=imagenet",
+        "data.train_subset=128",
+        "data.test_subset=100",
+        "train.batch_size=32",
+        "data.eval_batch_size=100",
+        "log.every_steps=2",
+        "train.precision=fp32",
+    ]
+    if DRY
+    else []
+)
 BENCH_STEPS = ["--steps", "2", "--warmup", "1"] if DRY else ["--steps", "50", "--warmup", "10"]
 
 results: dict = {"dry_run": DRY, "steps": {}}
@@ -69,7 +81,10 @@ def run(name: str, cmd: list[str], budget_s: float, log: str) -> tuple[int | Non
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
         code, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
-        code, out = None, e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        code, out = (
+            None,
+            e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""),
+        )
         say(f"{name}: TIMED OUT after {limit:.0f} s")
     secs = time.monotonic() - t0
     tail = "\n".join(out.splitlines()[-25:])
@@ -82,8 +97,18 @@ def run(name: str, cmd: list[str], budget_s: float, log: str) -> tuple[int | Non
 
 
 def train_cmd(*args: str) -> list[str]:
-    return [PY, "-m", "resnet_dist.train", *args, *TINY, f"data.root={WORK / 'data'}", f"run.dir={WORK / 'runs'}",
-            "dist.timeout_s=60", "log.progress=lines", *DATA]
+    return [
+        PY,
+        "-m",
+        "resnet_dist.train",
+        *args,
+        *TINY,
+        f"data.root={WORK / 'data'}",
+        f"run.dir={WORK / 'runs'}",
+        "dist.timeout_s=60",
+        "log.progress=lines",
+        *DATA,
+    ]
 
 
 def epoch_lines(out: str) -> list[str]:
@@ -103,18 +128,29 @@ def last_acc(out: str) -> float | None:
 # ---- the steps, most valuable first ------------------------------------------------------------------
 def versions() -> None:
     import torch
-    v = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
-         "gpus": torch.cuda.device_count(),
-         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+    v = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+        "gpus": torch.cuda.device_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
     smi = shutil.which("nvidia-smi")
     if smi:
-        q = subprocess.run([smi, "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=30)
+        q = subprocess.run(
+            [smi, "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         v["driver"] = q.stdout.strip().splitlines()[0] if q.returncode == 0 and q.stdout.strip() else None
     results["versions"] = v
-    say(f"versions: torch {v['torch']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, NCCL {v['nccl']}, "
-        f"driver {v.get('driver')}, {v['gpus']} x {v['gpu']}{' (DRY RUN on CPU)' if DRY else ''}")
+    say(
+        f"versions: torch {v['torch']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, NCCL {v['nccl']}, "
+        f"driver {v.get('driver')}, {v['gpus']} x {v['gpu']}{' (DRY RUN on CPU)' if DRY else ''}"
+    )
     if not DRY and not torch.cuda.is_available():
         say("no GPU visible to torch: stopping (GPU_CHECK_DRY=1 runs the check's logic on CPU)")
         save_results()
@@ -138,8 +174,16 @@ def smoke() -> None:
         if DRY and prec == "fp16":
             say(f"{name}: skipped in the dry run (it would repeat smoke_bf16: the dry run trains in fp32)")
             continue
-        args = ["--config", "configs/fast.yaml", *sub, f"train.precision={prec}", "train.ema_decay=0.99",
-                "checkpoint.every_steps=5", f"run.name=smoke-{prec}", "checkpoint.resume=auto"]
+        args = [
+            "--config",
+            "configs/fast.yaml",
+            *sub,
+            f"train.precision={prec}",
+            "train.ema_decay=0.99",
+            "checkpoint.every_steps=5",
+            f"run.name=smoke-{prec}",
+            "checkpoint.resume=auto",
+        ]
         shutil.rmtree(WORK / "runs" / f"smoke-{prec}", ignore_errors=True)
         c1, o1, _ = run(f"{name}_first", train_cmd(*args, "train.epochs=1"), 150, "smoke.log")
         c2, o2, _ = run(f"{name}_resume", train_cmd(*args, "train.epochs=2"), 150, "smoke.log")
@@ -152,12 +196,32 @@ def smoke() -> None:
 def throughput() -> None:
     """bf16 images/s of the trainer with and without EMA and of the bare loop, MFU against the datasheet
     and against a bf16 matrix product measured here."""
-    for name, extra in (("bench_trainer_ema", []), ("bench_trainer_no_ema", ["train.ema_decay=0"]),
-                        ("bench_bare", ["--mode", "bare"])):
+    for name, extra in (
+        ("bench_trainer_ema", []),
+        ("bench_trainer_no_ema", ["train.ema_decay=0"]),
+        ("bench_bare", ["--mode", "bare"]),
+    ):
         out_json = WORK / f"{name}.json"
-        code, _, _ = run(name, [PY, "-m", "resnet_dist.bench", "--config", "configs/default.yaml", *BENCH_STEPS,
-                                "--out", str(out_json), "train.precision=bf16", *extra, *TINY,
-                                f"data.root={WORK / 'data'}", *DATA], 120, "bench.log")
+        code, _, _ = run(
+            name,
+            [
+                PY,
+                "-m",
+                "resnet_dist.bench",
+                "--config",
+                "configs/default.yaml",
+                *BENCH_STEPS,
+                "--out",
+                str(out_json),
+                "train.precision=bf16",
+                *extra,
+                *TINY,
+                f"data.root={WORK / 'data'}",
+                *DATA,
+            ],
+            120,
+            "bench.log",
+        )
         if code == 0:
             report_bench(name, json.loads(out_json.read_text()))
 
@@ -165,26 +229,43 @@ def throughput() -> None:
 def report_bench(name: str, r: dict) -> None:
     results["steps"][name].update(r)
     s = r["step_ms"]
-    mfu = f"{100 * r['mfu']:.1f}% of datasheet {r['peak_tflops_per_rank']}" if r.get("mfu") else "datasheet MFU n/a"
-    vs = (f"{100 * r['mfu_vs_matmul']:.1f}% of measured bf16 matmul {r['matmul_bf16_tflops']:.0f} TFLOP/s"
-          if r.get("mfu_vs_matmul") else "matmul ceiling n/a")
-    say(f"{name}: {r['images_per_s']:.0f} img/s, step {s['total']:.2f} ms (data {s['data']:.2f}), first step "
-        f"{r['first_step_s']:.2f} s, {r['achieved_tflops_per_rank']:.1f} TFLOP/s, {mfu}, {vs}")
+    mfu = (
+        f"{100 * r['mfu']:.1f}% of datasheet {r['peak_tflops_per_rank']}"
+        if r.get("mfu")
+        else "datasheet MFU n/a"
+    )
+    vs = (
+        f"{100 * r['mfu_vs_matmul']:.1f}% of measured bf16 matmul {r['matmul_bf16_tflops']:.0f} TFLOP/s"
+        if r.get("mfu_vs_matmul")
+        else "matmul ceiling n/a"
+    )
+    say(
+        f"{name}: {r['images_per_s']:.0f} img/s, step {s['total']:.2f} ms (data {s['data']:.2f}), first step "
+        f"{r['first_step_s']:.2f} s, {r['achieved_tflops_per_rank']:.1f} TFLOP/s, {mfu}, {vs}"
+    )
 
 
 def recipe(name: str, config: str, budget_s: float) -> float | None:
     """A recipe trained to the end: final-epoch accuracy, wall time, time split."""
     shutil.rmtree(WORK / "runs" / name, ignore_errors=True)
     extra = ["train.epochs=2"] if DRY else []
-    code, out, secs = run(name, train_cmd("--config", config, f"run.name={name}", "checkpoint.resume=never", *extra),
-                          budget_s, f"{name}.log")
+    code, out, secs = run(
+        name,
+        train_cmd("--config", config, f"run.name={name}", "checkpoint.resume=never", *extra),
+        budget_s,
+        f"{name}.log",
+    )
     if code != 0:
         return None
     acc, split = last_acc(out), time_split(out)
-    results["steps"][name].update(test_acc=acc, wall_s=round(secs, 1), time_split=split, epochs=len(epoch_lines(out)))
-    say(f"{name}: final-epoch test acc {acc}, {len(epoch_lines(out))} epochs, wall {secs:.1f} s "
+    results["steps"][name].update(
+        test_acc=acc, wall_s=round(secs, 1), time_split=split, epochs=len(epoch_lines(out))
+    )
+    say(
+        f"{name}: final-epoch test acc {acc}, {len(epoch_lines(out))} epochs, wall {secs:.1f} s "
         f"(process start and data included); split: training {split['train_s']} s, evaluation {split['eval_s']} s, "
-        f"checkpoints {split['save_s']} s")
+        f"checkpoints {split['save_s']} s"
+    )
     return secs
 
 
@@ -194,10 +275,28 @@ def compiled() -> None:
         results["steps"]["bench_compiled"] = {"status": "skipped"}
         return
     out_json = WORK / "bench_compiled.json"
-    code, _, _ = run("bench_compiled", [PY, "-m", "resnet_dist.bench", "--config", "configs/default.yaml",
-                                        "--steps", "50", "--warmup", "10", "--out", str(out_json),
-                                        "train.precision=bf16", "train.compile=true", f"data.root={WORK / 'data'}",
-                                        *DATA], 240, "bench.log")
+    code, _, _ = run(
+        "bench_compiled",
+        [
+            PY,
+            "-m",
+            "resnet_dist.bench",
+            "--config",
+            "configs/default.yaml",
+            "--steps",
+            "50",
+            "--warmup",
+            "10",
+            "--out",
+            str(out_json),
+            "train.precision=bf16",
+            "train.compile=true",
+            f"data.root={WORK / 'data'}",
+            *DATA,
+        ],
+        240,
+        "bench.log",
+    )
     if code == 0:
         report_bench("bench_compiled", json.loads(out_json.read_text()))
 
@@ -207,18 +306,39 @@ def original_pipeline() -> None:
     size = ["data.resize=56"] if DRY else []
     for name, mode in (("seed224_ours", "trainer"), ("seed224_torchvision", "torchvision")):
         out_json = WORK / f"{name}.json"
-        code, _, _ = run(name, [PY, "-m", "resnet_dist.bench", "--config", "configs/seed.yaml", "--mode", mode,
-                                "--workers", "2" if DRY else "8", *(["--steps", "2", "--warmup", "1"] if DRY else
-                                                                      ["--steps", "30", "--warmup", "5"]),
-                                "--out", str(out_json), "train.precision=bf16", *TINY, *size,
-                                f"data.root={WORK / 'data'}", *DATA], 120, "bench.log")
+        code, _, _ = run(
+            name,
+            [
+                PY,
+                "-m",
+                "resnet_dist.bench",
+                "--config",
+                "configs/seed.yaml",
+                "--mode",
+                mode,
+                "--workers",
+                "2" if DRY else "8",
+                *(["--steps", "2", "--warmup", "1"] if DRY else ["--steps", "30", "--warmup", "5"]),
+                "--out",
+                str(out_json),
+                "train.precision=bf16",
+                *TINY,
+                *size,
+                f"data.root={WORK / 'data'}",
+                *DATA,
+            ],
+            120,
+            "bench.log",
+        )
         if code == 0:
             report_bench(name, json.loads(out_json.read_text()))
 
 
-UNTESTABLE = ("what one GPU cannot test: NCCL bandwidth between GPUs and nodes, DDP's gradient all-reduce overlap "
-              "and the bf16 compression hook on NCCL, SyncBatchNorm across GPUs, cross-rank preemption agreement on "
-              "NCCL, multi-node rendezvous; these need 2+ GPUs (launch/torchrun.sh, slurm/train.sh)")
+UNTESTABLE = (
+    "what one GPU cannot test: NCCL bandwidth between GPUs and nodes, DDP's gradient all-reduce overlap "
+    "and the bf16 compression hook on NCCL, SyncBatchNorm across GPUs, cross-rank preemption agreement on "
+    "NCCL, multi-node rendezvous; these need 2+ GPUs (launch/torchrun.sh, slurm/train.sh)"
+)
 
 
 def main() -> int:
@@ -236,7 +356,9 @@ def main() -> int:
     elif fast_s and left() > fast_s * 40 / 12 * 1.2 + 60:
         recipe("default", "configs/default.yaml", left() - 60)
     else:
-        say("default: skipped (does not fit in the time left)" if fast_s else "default: skipped (fast failed)")
+        say(
+            "default: skipped (does not fit in the time left)" if fast_s else "default: skipped (fast failed)"
+        )
     compiled()
     original_pipeline()
     say(UNTESTABLE)
@@ -244,7 +366,9 @@ def main() -> int:
     results["seconds"] = round(time.monotonic() - START, 1)
     say(f"gpu_check: done in {results['seconds']} s")
     save_results()
-    failed = [k for k, v in results["steps"].items() if v.get("exit") not in (0, None) or v.get("ok") is False]
+    failed = [
+        k for k, v in results["steps"].items() if v.get("exit") not in (0, None) or v.get("ok") is False
+    ]
     return 1 if failed else 0
 
 

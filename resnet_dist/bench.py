@@ -8,6 +8,7 @@ Modes, all on the same model, batch and precision:
 Works under torchrun (per-rank and total images/s, straggler spread) and on CPU. Prints a table and
 writes JSON (`--out`). GPU timings use CUDA events; CPU timings use the wall clock.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,24 @@ from .trainer import Trainer
 # utilisation against the measured bf16 matrix product (`matmul_ceiling_tflops`) is reported on every GPU.
 _H100_SXM, _H100_NVL, _A100 = (989.4, 494.7, 66.9), (835.5, 417.5, 60.0), (312.0, 156.0, 19.5)
 PEAK_TFLOPS = {
-    "NVIDIA H100 80GB HBM3": _H100_SXM, "NVIDIA H100 PCIe": (756.5, 378.0, 51.2), "NVIDIA H100 NVL": _H100_NVL,
-    "NVIDIA H200": _H100_SXM, "NVIDIA H200 NVL": _H100_NVL,
-    "NVIDIA A100-SXM4-80GB": _A100, "NVIDIA A100-SXM4-40GB": _A100, "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA H100 80GB HBM3": _H100_SXM,
+    "NVIDIA H100 PCIe": (756.5, 378.0, 51.2),
+    "NVIDIA H100 NVL": _H100_NVL,
+    "NVIDIA H200": _H100_SXM,
+    "NVIDIA H200 NVL": _H100_NVL,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
     "NVIDIA A100 80GB PCIe": _A100,
-    "NVIDIA L40S": (362.0, 183.0, 91.6), "NVIDIA L40": (181.0, 90.5, 90.5), "NVIDIA L4": (121.0, 60.0, 30.3),
-    "NVIDIA A10": (125.0, 62.5, 31.2), "NVIDIA GeForce RTX 4090": (165.2, 82.6, 82.6),
-    "Tesla V100-SXM2-16GB": (125.0, None, 15.7), "Tesla V100-SXM2-32GB": (125.0, None, 15.7),
-    "Tesla V100-PCIE-16GB": (112.0, None, 14.0), "Tesla V100-PCIE-32GB": (112.0, None, 14.0),
+    "NVIDIA L40S": (362.0, 183.0, 91.6),
+    "NVIDIA L40": (181.0, 90.5, 90.5),
+    "NVIDIA L4": (121.0, 60.0, 30.3),
+    "NVIDIA A10": (125.0, 62.5, 31.2),
+    "NVIDIA GeForce RTX 4090": (165.2, 82.6, 82.6),
+    "Tesla V100-SXM2-16GB": (125.0, None, 15.7),
+    "Tesla V100-SXM2-32GB": (125.0, None, 15.7),
+    "Tesla V100-PCIE-16GB": (112.0, None, 14.0),
+    "Tesla V100-PCIE-32GB": (112.0, None, 14.0),
 }
 
 
@@ -65,12 +76,13 @@ def matmul_ceiling_tflops(device: torch.device, n: int = 8192, iters: int = 20) 
     for _ in range(iters):
         a @ b
     secs = clock.seconds(start, clock.mark())
-    return 2 * n ** 3 * iters / secs / 1e12
+    return 2 * n**3 * iters / secs / 1e12
 
 
 def train_flops_per_image(cfg: config.Config) -> float:
     """FLOPs of one training step (forward + backward) per image, counted on the model itself."""
     from torch.utils.flop_counter import FlopCounterMode
+
     model = build_model(cfg.model)
     size = cfg.data.resize or 28
     x = torch.randn(2, 1, size, size)
@@ -101,7 +113,9 @@ class Clock:
 
 def bare_step_fn(cfg, env, precision):
     """A plain model and optimizer: forward, backward, step; nothing else."""
-    model = build_model(cfg.model).to(env.device, memory_format=memory_format(env.device, cfg.train.channels_last))
+    model = build_model(cfg.model).to(
+        env.device, memory_format=memory_format(env.device, cfg.train.channels_last)
+    )
     opt = make_optimizer(model, cfg.train, env.device, precision)
     autocast = autocast_for(precision, env.device)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -112,6 +126,7 @@ def bare_step_fn(cfg, env, precision):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     return step
 
 
@@ -122,18 +137,35 @@ def batches(cfg, env, mode, per_rank, trainer=None, workers=4):
         return itertools.chain.from_iterable(trainer.batches.epoch(e, trainer.gen) for e in itertools.count())
     if mode == "bare":  # one real batch, normalized (and resized) once, used for every step
         x, y = load_split(prepare(cfg.data.root, cfg.data.mirror), "train", per_rank)
-        x = normalize(x.to(dev), cfg.data.resize).contiguous(memory_format=memory_format(dev, cfg.train.channels_last))
+        x = normalize(x.to(dev), cfg.data.resize).contiguous(
+            memory_format=memory_format(dev, cfg.train.channels_last)
+        )
         return itertools.repeat((x, y.to(dev)))
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
+
     prepare(cfg.data.root, cfg.data.mirror)
     tf = [transforms.Resize(cfg.data.resize)] if cfg.data.resize else []
-    ds = datasets.FashionMNIST(cfg.data.root, train=True, download=False,
-                               transform=transforms.Compose(tf + [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]))
-    loader = DataLoader(ds, batch_size=per_rank, shuffle=True, num_workers=workers, drop_last=True,
-                        persistent_workers=workers > 0, pin_memory=dev.type == "cuda")
-    return ((x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
-            for _ in itertools.count() for x, y in loader)
+    ds = datasets.FashionMNIST(
+        cfg.data.root,
+        train=True,
+        download=False,
+        transform=transforms.Compose(tf + [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]),
+    )
+    loader = DataLoader(
+        ds,
+        batch_size=per_rank,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+        pin_memory=dev.type == "cuda",
+    )
+    return (
+        (x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+        for _ in itertools.count()
+        for x, y in loader
+    )
 
 
 def first_step_seconds(step, it, clock) -> float:
@@ -189,44 +221,86 @@ def run(cfg, env, mode: str, steps: int, warmup: int, workers: int) -> dict:
     peak = peak_tflops(name, precision, torch.backends.cudnn.allow_tf32) if cuda else None
     ceiling = matmul_ceiling_tflops(env.device) if cuda else None
     return {
-        "mode": mode, "device": name or "cpu",
-        "world_size": env.world_size, "precision": precision, "stem": cfg.model.stem,
-        "image_size": cfg.data.resize or 28, "global_batch": cfg.train.batch_size, "compile": cfg.train.compile,
+        "mode": mode,
+        "device": name or "cpu",
+        "world_size": env.world_size,
+        "precision": precision,
+        "stem": cfg.model.stem,
+        "image_size": cfg.data.resize or 28,
+        "global_batch": cfg.train.batch_size,
+        "compile": cfg.train.compile,
         "ema": cfg.train.ema_decay > 0 and mode == "trainer",
-        "steps": steps, "first_step_s": first, "images_per_s": images_per_s, "images_per_s_per_rank": images_per_s / env.world_size,
-        "step_ms": {"data": 1e3 * data, "compute": 1e3 * compute, "allreduce_wait": 1e3 * comm_wait,
-                    "total": 1e3 * total},
-        "straggler": {"fastest_ms": 1e3 * min(per_rank_times), "slowest_ms": 1e3 * slowest,
-                      "spread_pct": 100 * (slowest - min(per_rank_times)) / slowest},
-        "train_gflop_per_image": flops / 1e9, "achieved_tflops_per_rank": achieved,
-        "peak_tflops_per_rank": peak, "mfu": achieved / peak if peak else None,
-        "matmul_bf16_tflops": ceiling, "mfu_vs_matmul": achieved / ceiling if ceiling else None,
+        "steps": steps,
+        "first_step_s": first,
+        "images_per_s": images_per_s,
+        "images_per_s_per_rank": images_per_s / env.world_size,
+        "step_ms": {
+            "data": 1e3 * data,
+            "compute": 1e3 * compute,
+            "allreduce_wait": 1e3 * comm_wait,
+            "total": 1e3 * total,
+        },
+        "straggler": {
+            "fastest_ms": 1e3 * min(per_rank_times),
+            "slowest_ms": 1e3 * slowest,
+            "spread_pct": 100 * (slowest - min(per_rank_times)) / slowest,
+        },
+        "train_gflop_per_image": flops / 1e9,
+        "achieved_tflops_per_rank": achieved,
+        "peak_tflops_per_rank": peak,
+        "mfu": achieved / peak if peak else None,
+        "matmul_bf16_tflops": ceiling,
+        "mfu_vs_matmul": achieved / ceiling if ceiling else None,
     }
 
 
 def table(r: dict) -> str:
     s = r["step_ms"]
-    rows = [("mode", r["mode"]), ("device", f"{r['device']} x {r['world_size']}"),
-            ("setup", f"{r['stem']} stem, {r['image_size']}px, global batch {r['global_batch']}, {r['precision']}"
-                      + (", compiled" if r["compile"] else "")),
-            ("first step s", f"{r['first_step_s']:.2f}"), ("images/s total", f"{r['images_per_s']:.1f}"), ("images/s per rank", f"{r['images_per_s_per_rank']:.1f}"),
-            ("step ms: data", f"{s['data']:.2f}"), ("step ms: compute", f"{s['compute']:.2f}"),
-            ("step ms: all-reduce wait", f"{s['allreduce_wait']:.2f}"), ("step ms: total", f"{s['total']:.2f}"),
-            ("straggler spread", f"{r['straggler']['spread_pct']:.1f}% "
-                                 f"({r['straggler']['fastest_ms']:.1f}-{r['straggler']['slowest_ms']:.1f} ms)"),
-            ("train GFLOP/image", f"{r['train_gflop_per_image']:.3f}"),
-            ("TFLOP/s per rank", f"{r['achieved_tflops_per_rank']:.3f}"),
-            ("MFU (datasheet)", f"{100 * r['mfu']:.1f}% of {r['peak_tflops_per_rank']} TFLOP/s" if r["mfu"]
-             else "n/a (peak unknown)"),
-            ("MFU (measured bf16 matmul)", f"{100 * r['mfu_vs_matmul']:.1f}% of {r['matmul_bf16_tflops']:.0f} TFLOP/s"
-             if r["mfu_vs_matmul"] else "n/a (CPU)")]
+    rows = [
+        ("mode", r["mode"]),
+        ("device", f"{r['device']} x {r['world_size']}"),
+        (
+            "setup",
+            f"{r['stem']} stem, {r['image_size']}px, global batch {r['global_batch']}, {r['precision']}"
+            + (", compiled" if r["compile"] else ""),
+        ),
+        ("first step s", f"{r['first_step_s']:.2f}"),
+        ("images/s total", f"{r['images_per_s']:.1f}"),
+        ("images/s per rank", f"{r['images_per_s_per_rank']:.1f}"),
+        ("step ms: data", f"{s['data']:.2f}"),
+        ("step ms: compute", f"{s['compute']:.2f}"),
+        ("step ms: all-reduce wait", f"{s['allreduce_wait']:.2f}"),
+        ("step ms: total", f"{s['total']:.2f}"),
+        (
+            "straggler spread",
+            f"{r['straggler']['spread_pct']:.1f}% "
+            f"({r['straggler']['fastest_ms']:.1f}-{r['straggler']['slowest_ms']:.1f} ms)",
+        ),
+        ("train GFLOP/image", f"{r['train_gflop_per_image']:.3f}"),
+        ("TFLOP/s per rank", f"{r['achieved_tflops_per_rank']:.3f}"),
+        (
+            "MFU (datasheet)",
+            f"{100 * r['mfu']:.1f}% of {r['peak_tflops_per_rank']} TFLOP/s"
+            if r["mfu"]
+            else "n/a (peak unknown)",
+        ),
+        (
+            "MFU (measured bf16 matmul)",
+            f"{100 * r['mfu_vs_matmul']:.1f}% of {r['matmul_bf16_tflops']:.0f} TFLOP/s"
+            if r["mfu_vs_matmul"]
+            else "n/a (CPU)",
+        ),
+    ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m resnet_dist.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m resnet_dist.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config")
     p.add_argument("--mode", choices=("trainer", "bare", "torchvision"), default="trainer")
     p.add_argument("--steps", type=int, default=20, help="timed steps")

@@ -5,6 +5,7 @@ Files: `step-00001234.pt` (the newest `checkpoint.keep` are kept) and `last.pt`,
 Each is written to a temporary file, flushed, fsynced and `os.replace`d: a reader (or a crash)
 sees the old file or the new one, never half of one.
 """
+
 from __future__ import annotations
 
 import os
@@ -95,10 +96,14 @@ def evaluated_weights(state: dict) -> dict:
 def rng_state(gen: torch.Generator) -> dict:
     """Every random stream of this rank, as tensors and plain values (loadable with weights_only)."""
     np_state = np.random.get_state()
-    return {"augment": gen.get_state(), "augment_device": gen.device.type, "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate()}
+    return {
+        "augment": gen.get_state(),
+        "augment_device": gen.device.type,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
 
 
 def set_rng_state(state: dict, gen: torch.Generator) -> bool:

@@ -9,7 +9,9 @@ from typing import NoReturn
 
 def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """The parser's options plus `overrides` (KEY=VALUE ...), in any order."""
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=0.1")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=0.1"
+    )
     return parser.parse_intermixed_args(argv)
 
 

@@ -3,6 +3,7 @@
 Every knob is declared once below, with its default and a one-line doc (the `doc` metadata).
 `load()` raises `ConfigError` with one line naming the key; `train.py` turns it into exit code 2.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,10 +47,18 @@ class RunConfig:
 @dataclass
 class DataConfig:
     root: str = knob("data", "where the prepared dataset lives")
-    mirror: str | None = knob(None, "folder with the four original .gz files; null = Debian's copy if present")
-    train_subset: int | None = checked(None, "null = whole train split; N = the first N images", optional_positive)
-    test_subset: int | None = checked(None, "null = whole test split; N = the first N images", optional_positive)
-    resize: int | None = checked(None, "null = native 28x28; 224 reproduces the original recipe", optional_positive)
+    mirror: str | None = knob(
+        None, "folder with the four original .gz files; null = Debian's copy if present"
+    )
+    train_subset: int | None = checked(
+        None, "null = whole train split; N = the first N images", optional_positive
+    )
+    test_subset: int | None = checked(
+        None, "null = whole test split; N = the first N images", optional_positive
+    )
+    resize: int | None = checked(
+        None, "null = native 28x28; 224 reproduces the original recipe", optional_positive
+    )
     crop_padding: int = checked(0, "random-crop padding in pixels (0 = no crop augmentation)", non_negative)
     flip: bool = knob(False, "random horizontal flip")
     erasing: float = checked(0.0, "probability of random erasing per image", probability)
@@ -58,8 +67,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    stem: str = knob("imagenet", "imagenet (7x7/2 conv + 3x3/2 max-pool) or cifar (3x3/1 conv, no pool)",
-                     choices=("imagenet", "cifar"))
+    stem: str = knob(
+        "imagenet",
+        "imagenet (7x7/2 conv + 3x3/2 max-pool) or cifar (3x3/1 conv, no pool)",
+        choices=("imagenet", "cifar"),
+    )
     init: str = knob("xavier", "weight init: xavier (original) or kaiming", choices=("xavier", "kaiming"))
     num_classes: int = checked(10, "output classes", positive)
 
@@ -71,26 +83,40 @@ class TrainConfig:
     lr: float = checked(0.05, "peak learning rate", positive)
     momentum: float = checked(0.0, "SGD momentum", fraction)
     nesterov: bool = knob(False, "Nesterov momentum (needs momentum > 0)")
-    weight_decay: float = checked(0.0, "weight decay (never applied to BatchNorm weights and biases)", non_negative)
-    schedule: str = knob("constant", "LR schedule: constant (original), onecycle, cosine (warmup + cosine)",
-                         choices=("constant", "onecycle", "cosine"))
+    weight_decay: float = checked(
+        0.0, "weight decay (never applied to BatchNorm weights and biases)", non_negative
+    )
+    schedule: str = knob(
+        "constant",
+        "LR schedule: constant (original), onecycle, cosine (warmup + cosine)",
+        choices=("constant", "onecycle", "cosine"),
+    )
     warmup: float = checked(0.0, "fraction of training spent warming up (onecycle, cosine)", fraction)
     label_smoothing: float = checked(0.0, "label smoothing of the cross-entropy", fraction)
-    precision: str = knob("auto", "auto, bf16, fp16 or fp32 (auto: bf16 / fp16 on GPU, fp32 on CPU)",
-                          choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = knob(
+        "auto",
+        "auto, bf16, fp16 or fp32 (auto: bf16 / fp16 on GPU, fp32 on CPU)",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
     channels_last: bool = knob(True, "channels_last memory format (CUDA only)")
     compile: bool = knob(False, "torch.compile the model (CUDA: ~1.2x after a one-off warm-up)")
-    ema_decay: float = checked(0.0, "evaluate an exponential moving average of the weights with this decay (0 = off)",
-                               fraction)
+    ema_decay: float = checked(
+        0.0, "evaluate an exponential moving average of the weights with this decay (0 = off)", fraction
+    )
     tta_flip: bool = knob(False, "test-time augmentation: average the logits of each image and its mirror")
 
 
 @dataclass
 class DistConfig:
-    timeout_s: int = checked(600, "collective timeout in seconds: a dead peer fails the others after this", positive)
-    bucket_mb: int = checked(25, "DDP gradient bucket size in MiB (ResNet-18 has ~45 MB of fp32 gradients)", positive)
-    grad_compression: str = knob("none", "DDP communication hook: none, or bf16 (halves all-reduce bytes)",
-                                 choices=("none", "bf16"))
+    timeout_s: int = checked(
+        600, "collective timeout in seconds: a dead peer fails the others after this", positive
+    )
+    bucket_mb: int = checked(
+        25, "DDP gradient bucket size in MiB (ResNet-18 has ~45 MB of fp32 gradients)", positive
+    )
+    grad_compression: str = knob(
+        "none", "DDP communication hook: none, or bf16 (halves all-reduce bytes)", choices=("none", "bf16")
+    )
 
 
 @dataclass
@@ -98,30 +124,46 @@ class CheckpointConfig:
     resume: str = knob("auto", "auto (newest valid checkpoint of the run directory), never, or a path")
     keep: int = checked(2, "how many step checkpoints to keep (last.pt is the newest)", positive)
     every_steps: int = checked(0, "also save every N steps (0 = only at epoch ends)", non_negative)
-    every_epochs: int = checked(1, "save at the end of every N-th epoch (the last epoch always saves)", positive)
-    max_overhead: float = checked(0.05, "skip an epoch-end save while saving would take more than this fraction of "
-                                        "the time since the previous save (1 = never skip)", (lambda v: 0 < v <= 1,
-                                                                                              "must be in (0, 1]"))
-    requeue: bool = knob(True, "under SLURM, after a preemption signal rank 0 requeues the job (needs sbatch --requeue)")
+    every_epochs: int = checked(
+        1, "save at the end of every N-th epoch (the last epoch always saves)", positive
+    )
+    max_overhead: float = checked(
+        0.05,
+        "skip an epoch-end save while saving would take more than this fraction of "
+        "the time since the previous save (1 = never skip)",
+        (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    )
+    requeue: bool = knob(
+        True, "under SLURM, after a preemption signal rank 0 requeues the job (needs sbatch --requeue)"
+    )
 
 
 @dataclass
 class WandbConfig:
-    mode: str = knob("auto", "auto (online if an API key is configured, else offline), online, offline or disabled; "
-                             "WANDB_MODE in the environment wins", choices=("auto", "online", "offline", "disabled"))
+    mode: str = knob(
+        "auto",
+        "auto (online if an API key is configured, else offline), online, offline or disabled; "
+        "WANDB_MODE in the environment wins",
+        choices=("auto", "online", "offline", "disabled"),
+    )
     project: str = knob("resnet_dist", "W&B project")
     entity: str | None = knob(None, "W&B entity (team or user); null = your default")
     group: str | None = knob(None, "W&B group; null = $SLURM_JOB_ID, else the run name")
     name: str | None = knob(None, "W&B run display name; null = the run name (run directory)")
     tags: list[str] = knob([], "W&B tags, e.g. log.wandb.tags=[baseline,bf16]")
-    init_timeout_s: int = checked(30, "give up connecting to the W&B server after this and log offline", positive)
+    init_timeout_s: int = checked(
+        30, "give up connecting to the W&B server after this and log offline", positive
+    )
 
 
 @dataclass
 class LogConfig:
     every_steps: int = checked(50, "train metrics are all-reduced and logged every N steps", positive)
-    progress: str = knob("auto", "auto (tqdm bar on a terminal, a line per epoch otherwise), bar, lines",
-                         choices=("auto", "bar", "lines"))
+    progress: str = knob(
+        "auto",
+        "auto (tqdm bar on a terminal, a line per epoch otherwise), bar, lines",
+        choices=("auto", "bar", "lines"),
+    )
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -245,11 +287,15 @@ def check_world(cfg: Config, world_size: int) -> None:
     """Checks that need the world size, which the entry point learns from the launcher (config stays a leaf)."""
     t = cfg.train
     if t.batch_size % world_size:
-        raise ConfigError(f"config key 'train.batch_size' ({t.batch_size}) must be divisible by the world size "
-                          f"({world_size})")
+        raise ConfigError(
+            f"config key 'train.batch_size' ({t.batch_size}) must be divisible by the world size "
+            f"({world_size})"
+        )
 
 
-def load(path: str | None = None, overrides: typing.Sequence[str] = (), world_size: int | None = None) -> Config:
+def load(
+    path: str | None = None, overrides: typing.Sequence[str] = (), world_size: int | None = None
+) -> Config:
     """Defaults <- YAML file <- overrides, validated; with `world_size`, also the checks that need it."""
     cfg = Config()
     if path is not None:

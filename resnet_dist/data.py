@@ -3,6 +3,7 @@
 Batches are gathered from the device tensor with indices from `DistributedSampler`; crop, flip,
 erasing and resize run on the whole batch on the device. No per-sample transform, no workers.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -28,7 +29,18 @@ FILES = {
     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
 }
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 MEAN, STD = 0.2860, 0.3530
 SPLIT_SIZE = {"train": 60000, "test": 10000}
 
@@ -63,8 +75,10 @@ def dir_lock(path: Path, timeout_s: float = 1800, poll_s: float = 0.2):
                 shutil.rmtree(path, ignore_errors=True)
                 continue
             if time.monotonic() > deadline:
-                raise DataError(f"waited {timeout_s:.0f}s for the lock {path} (held by {_read(path / 'owner')}); "
-                                "remove it if its owner is gone") from None
+                raise DataError(
+                    f"waited {timeout_s:.0f}s for the lock {path} (held by {_read(path / 'owner')}); "
+                    "remove it if its owner is gone"
+                ) from None
             time.sleep(poll_s)
     try:
         yield
@@ -105,12 +119,15 @@ def _fetch(tmp: Path, mirror: str | None) -> str:
                 shutil.copyfileobj(fin, fout, 1 << 20)
         return mirror
     from torchvision.datasets import FashionMNIST  # downloads and decompresses into tmp/FashionMNIST/raw
+
     try:
         FashionMNIST(str(tmp / "dl"), train=True, download=True)
         FashionMNIST(str(tmp / "dl"), train=False, download=True)
     except Exception as e:  # noqa: BLE001 - any network failure ends the same way
-        raise DataError(f"no data.mirror and the download failed ({e}); set data.mirror to a folder "
-                        "with the four Fashion-MNIST .gz files") from None
+        raise DataError(
+            f"no data.mirror and the download failed ({e}); set data.mirror to a folder "
+            "with the four Fashion-MNIST .gz files"
+        ) from None
     for name in FILES:
         os.replace(tmp / "dl" / "FashionMNIST" / "raw" / name, tmp / name)
     shutil.rmtree(tmp / "dl")
@@ -148,7 +165,7 @@ def prepare(root: str, mirror: str | None = None) -> Path:
 def read_idx(path: Path) -> np.ndarray:
     data = path.read_bytes()
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
         raise DataError(f"{path} is truncated")
@@ -181,7 +198,12 @@ def augment(x: torch.Tensor, gen: torch.Generator, padding: int, flip: bool, era
         ox = torch.randint(0, 2 * padding + 1, (n,), device=dev, generator=gen)
         rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
         cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-        x = xp[torch.arange(n, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None], rows, cols]
+        x = xp[
+            torch.arange(n, device=dev)[:, None, None, None],
+            torch.arange(x.shape[1], device=dev)[None, :, None, None],
+            rows,
+            cols,
+        ]
     if flip:
         mask = torch.rand(n, device=dev, generator=gen) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
@@ -194,8 +216,9 @@ def augment(x: torch.Tensor, gen: torch.Generator, padding: int, flip: bool, era
         y0 = (torch.rand(n, device=dev, generator=gen) * (h - eh + 1)).long()
         x0 = (torch.rand(n, device=dev, generator=gen) * (w - ew + 1)).long()
         ys, xs = torch.arange(h, device=dev)[None, :], torch.arange(w, device=dev)[None, :]
-        inside = (((ys >= y0[:, None]) & (ys < (y0 + eh)[:, None]))[:, :, None]
-                  & ((xs >= x0[:, None]) & (xs < (x0 + ew)[:, None]))[:, None, :])
+        inside = ((ys >= y0[:, None]) & (ys < (y0 + eh)[:, None]))[:, :, None] & (
+            (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])
+        )[:, None, :]
         apply = torch.rand(n, device=dev, generator=gen) < erasing
         x = x.masked_fill((inside & apply[:, None, None])[:, None], 0.0)  # erase to the mean
     return x
@@ -204,6 +227,7 @@ def augment(x: torch.Tensor, gen: torch.Generator, padding: int, flip: bool, era
 @dataclass
 class TrainBatches:
     """Each rank's training batches for one epoch: sampler indices -> gather on device -> augment."""
+
     images: torch.Tensor  # uint8 [N, 1, 28, 28] on the device
     labels: torch.Tensor
     batch_size: int  # per rank
@@ -213,18 +237,26 @@ class TrainBatches:
     cfg: object  # DataConfig
 
     def __post_init__(self):
-        self.sampler = DistributedSampler(range(len(self.labels)), num_replicas=self.world_size, rank=self.rank,
-                                          shuffle=True, seed=self.seed, drop_last=True)
+        self.sampler = DistributedSampler(
+            range(len(self.labels)),
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
+        )
         self.steps_per_epoch = len(self.sampler) // self.batch_size
-        assert self.steps_per_epoch > 0, (f"{len(self.labels)} training images give no full batch of "
-                                          f"{self.batch_size} per rank on {self.world_size} ranks")
+        assert self.steps_per_epoch > 0, (
+            f"{len(self.labels)} training images give no full batch of "
+            f"{self.batch_size} per rank on {self.world_size} ranks"
+        )
 
     def epoch(self, epoch: int, gen: torch.Generator, start_step: int = 0):
         """Yield (x, y) for steps start_step..steps_per_epoch-1 of `epoch` (the same on every rank count)."""
         self.sampler.set_epoch(epoch)
         order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.images.device)
         for step in range(start_step, self.steps_per_epoch):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
             x = normalize(self.images[idx], self.cfg.resize)
             x = augment(x, gen, self.cfg.crop_padding, self.cfg.flip, self.cfg.erasing)
             yield x, self.labels[idx]

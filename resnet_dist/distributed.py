@@ -1,4 +1,5 @@
 """One distributed path, read from the environment: torchrun / accelerate, srun, or a single process."""
+
 from __future__ import annotations
 
 import datetime
@@ -54,7 +55,9 @@ SLURM_SPECIAL_STEP = 0xFFFFFFF0
 def srun_step(env=os.environ) -> bool:
     """True in a task that srun started (a job step); False in the batch shell, salloc's shell or outside SLURM."""
     step = env.get("SLURM_STEP_ID", "")
-    return "SLURM_PROCID" in env and "SLURM_NTASKS" in env and step.isdigit() and int(step) < SLURM_SPECIAL_STEP
+    return (
+        "SLURM_PROCID" in env and "SLURM_NTASKS" in env and step.isdigit() and int(step) < SLURM_SPECIAL_STEP
+    )
 
 
 def tasks_per_node(spec: str) -> list[int]:
@@ -74,11 +77,17 @@ def detect(env=os.environ) -> dict:
         launcher = "accelerate" if any(k.startswith("ACCELERATE_") for k in env) else "torchrun"
         world = int(env["WORLD_SIZE"])
         local_world = int(env.get("LOCAL_WORLD_SIZE", world))
-        return dict(rank=int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", 0)), world_size=world,
-                    local_world_size=local_world, launcher=launcher,
-                    master_addr=env.get("MASTER_ADDR"), master_port=env.get("MASTER_PORT"),
-                    # GROUP_WORLD_SIZE: torchrun's number of agents, one per node
-                    num_nodes=int(env.get("GROUP_WORLD_SIZE", max(1, world // max(1, local_world)))))
+        return dict(
+            rank=int(env["RANK"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=world,
+            local_world_size=local_world,
+            launcher=launcher,
+            master_addr=env.get("MASTER_ADDR"),
+            master_port=env.get("MASTER_PORT"),
+            # GROUP_WORLD_SIZE: torchrun's number of agents, one per node
+            num_nodes=int(env.get("GROUP_WORLD_SIZE", max(1, world // max(1, local_world)))),
+        )
     if srun_step(env):  # srun, one task per GPU
         job = int(env.get("SLURM_JOB_ID", "0"))
         local_rank = int(env.get("SLURM_LOCALID", 0))
@@ -86,17 +95,31 @@ def detect(env=os.environ) -> dict:
             local_world = tasks_per_node(env["SLURM_STEP_TASKS_PER_NODE"])[int(env.get("SLURM_NODEID", 0))]
         except (KeyError, ValueError, IndexError):
             local_world = local_rank + 1
-        return dict(rank=int(env["SLURM_PROCID"]), local_rank=local_rank,
-                    world_size=int(env["SLURM_NTASKS"]), local_world_size=local_world, launcher="srun",
-                    # the step's first node runs rank 0 (a step may use only some of the job's nodes)
-                    master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST")
-                                                                     or env.get("SLURM_JOB_NODELIST", "localhost")),
-                    # a port derived from the job id: the tasks agree without talking, two jobs differ
-                    master_port=env.get("MASTER_PORT") or str(20000 + job % 20000),
-                    num_nodes=int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_JOB_NUM_NODES",
-                                                                         env.get("SLURM_NNODES", 1)))))
-    return dict(rank=0, local_rank=0, world_size=1, local_world_size=1, launcher="none", master_addr=None,
-                master_port=None, num_nodes=1)
+        return dict(
+            rank=int(env["SLURM_PROCID"]),
+            local_rank=local_rank,
+            world_size=int(env["SLURM_NTASKS"]),
+            local_world_size=local_world,
+            launcher="srun",
+            # the step's first node runs rank 0 (a step may use only some of the job's nodes)
+            master_addr=env.get("MASTER_ADDR")
+            or first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")),
+            # a port derived from the job id: the tasks agree without talking, two jobs differ
+            master_port=env.get("MASTER_PORT") or str(20000 + job % 20000),
+            num_nodes=int(
+                env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", 1)))
+            ),
+        )
+    return dict(
+        rank=0,
+        local_rank=0,
+        world_size=1,
+        local_world_size=1,
+        launcher="none",
+        master_addr=None,
+        master_port=None,
+        num_nodes=1,
+    )
 
 
 class LaunchError(RuntimeError):
@@ -114,52 +137,77 @@ def check_launch(info: dict, env=os.environ, gpus: int = 0) -> tuple[list[str], 
 
     # hand-set variables: half a torchrun environment would silently train as one process (or hang)
     if launcher == "none":  # at most one of RANK / WORLD_SIZE is set
-        half = [(k, env[k]) for k, harmless in (("WORLD_SIZE", "1"), ("RANK", "0")) if env.get(k, harmless) != harmless]
+        half = [
+            (k, env[k])
+            for k, harmless in (("WORLD_SIZE", "1"), ("RANK", "0"))
+            if env.get(k, harmless) != harmless
+        ]
         if half:
             have, value = half[0]
             miss = "RANK" if have == "WORLD_SIZE" else "WORLD_SIZE"
-            errors.append(f"{have}={value} is set but {miss} is not: start the processes with torchrun, srun or "
-                          "accelerate launch, or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in each of them")
+            errors.append(
+                f"{have}={value} is set but {miss} is not: start the processes with torchrun, srun or "
+                "accelerate launch, or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in each of them"
+            )
     if launcher == "none" and "MASTER_ADDR" in env and any(k.startswith("ACCELERATE_") for k in env):
         # accelerate's CPU launcher (--cpu, MULTI_CPU) sets MASTER_ADDR for N > 1 processes but, without an
         # mpirun hostfile, starts just this one
-        warnings.append("accelerate launch asked for several processes but started only this one (its CPU "
-                        "launcher needs mpirun): only one process will train; use --multi_gpu without --cpu, "
-                        "which starts N processes with torchrun, on CPU too (launch/accelerate_cpu.yaml)")
-    if launcher in ("torchrun", "accelerate") and world > 1 and not (info["master_addr"] and info["master_port"]):
+        warnings.append(
+            "accelerate launch asked for several processes but started only this one (its CPU "
+            "launcher needs mpirun): only one process will train; use --multi_gpu without --cpu, "
+            "which starts N processes with torchrun, on CPU too (launch/accelerate_cpu.yaml)"
+        )
+    if (
+        launcher in ("torchrun", "accelerate")
+        and world > 1
+        and not (info["master_addr"] and info["master_port"])
+    ):
         missing = " and ".join(k for k in ("MASTER_ADDR", "MASTER_PORT") if not info[k.lower()])
-        errors.append(f"WORLD_SIZE={world} but {missing} is not set: every process needs rank 0's address and "
-                      "port (torchrun, srun and accelerate launch set them)")
+        errors.append(
+            f"WORLD_SIZE={world} but {missing} is not set: every process needs rank 0's address and "
+            "port (torchrun, srun and accelerate launch set them)"
+        )
 
     # one process per GPU: a task that sees one GPU uses it (clusters that bind a GPU per task); a task that
     # sees several uses the one of its local rank, so it must see at least as many as there are local processes
     needed = max(info["local_world_size"], info["local_rank"] + 1)
     if 1 < gpus < needed:
-        how = {"srun": "sbatch/srun --ntasks-per-node at most --gpus-per-node, or --gpus-per-task=1 so that each "
-                       "task sees only its own GPU",
-               "torchrun": "torchrun --nproc-per-node", "accelerate": "accelerate launch --num_processes"}
-        errors.append(f"{needed} processes on this node but only {gpus} GPUs are visible to each: start at most one "
-                      f"process per GPU ({how.get(launcher, 'one process per GPU')})")
+        how = {
+            "srun": "sbatch/srun --ntasks-per-node at most --gpus-per-node, or --gpus-per-task=1 so that each "
+            "task sees only its own GPU",
+            "torchrun": "torchrun --nproc-per-node",
+            "accelerate": "accelerate launch --num_processes",
+        }
+        errors.append(
+            f"{needed} processes on this node but only {gpus} GPUs are visible to each: start at most one "
+            f"process per GPU ({how.get(launcher, 'one process per GPU')})"
+        )
 
     # torchrun vs srun inside a SLURM allocation
     if launcher in ("torchrun", "accelerate") and in_step:
         tasks = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
         if tasks != info["num_nodes"]:
-            errors.append(f"srun started {tasks} tasks that each run {launcher}, but {launcher} joined "
-                          f"{info['num_nodes']} agent(s): the tasks would train as separate jobs. Run one torchrun "
-                          "per node (srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES ..., "
-                          "slurm/train_torchrun.sh), or no torchrun: srun starts one task per GPU (slurm/train.sh)")
+            errors.append(
+                f"srun started {tasks} tasks that each run {launcher}, but {launcher} joined "
+                f"{info['num_nodes']} agent(s): the tasks would train as separate jobs. Run one torchrun "
+                "per node (srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES ..., "
+                "slurm/train_torchrun.sh), or no torchrun: srun starts one task per GPU (slurm/train.sh)"
+            )
     elif env.get("SLURM_JOB_ID") and not in_step:  # sbatch's batch shell or salloc's shell
         job_tasks = int(env.get("SLURM_NTASKS", "1") or 1)
         job_nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")) or 1)
         if launcher == "none" and job_tasks > 1:
-            warnings.append(f"this SLURM job has {job_tasks} tasks but this process was not started by srun: "
-                            "only one process will train; start it with `srun python -m resnet_dist.train` "
-                            "(as slurm/train.sh does)")
+            warnings.append(
+                f"this SLURM job has {job_tasks} tasks but this process was not started by srun: "
+                "only one process will train; start it with `srun python -m resnet_dist.train` "
+                "(as slurm/train.sh does)"
+            )
         elif launcher in ("torchrun", "accelerate") and job_nodes > info["num_nodes"]:
-            warnings.append(f"this SLURM job has {job_nodes} nodes but {launcher} runs on {info['num_nodes']}: "
-                            "the other nodes stay idle; start one torchrun per node with "
-                            "`srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES ...` (slurm/train_torchrun.sh)")
+            warnings.append(
+                f"this SLURM job has {job_nodes} nodes but {launcher} runs on {info['num_nodes']}: "
+                "the other nodes stay idle; start one torchrun per node with "
+                "`srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES ...` (slurm/train_torchrun.sh)"
+            )
     return errors, warnings
 
 
@@ -182,15 +230,30 @@ def setup(timeout_s: int = 600) -> DistEnv:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = info["master_addr"], str(info["master_port"])
         timeout = datetime.timedelta(seconds=timeout_s)
         store = rendezvous_store(info, timeout)
-        if gpus == 1 and info["local_world_size"] > 1:  # one GPU per task, unless the tasks all see the same one
+        if (
+            gpus == 1 and info["local_world_size"] > 1
+        ):  # one GPU per task, unless the tasks all see the same one
             clash = shared_gpu(exchange(store, "gpu", info["rank"], info["world_size"], gpu_identity(device)))
             if clash:
                 raise LaunchError(clash)
-        dist.init_process_group(backend=backend, store=store, rank=info["rank"], world_size=info["world_size"],
-                                timeout=timeout, device_id=device if backend == "nccl" else None)
-    return DistEnv(rank=info["rank"], local_rank=info["local_rank"], world_size=info["world_size"],
-                   launcher=info["launcher"], device=device, backend=backend, num_nodes=info["num_nodes"],
-                   warnings=tuple(warnings))
+        dist.init_process_group(
+            backend=backend,
+            store=store,
+            rank=info["rank"],
+            world_size=info["world_size"],
+            timeout=timeout,
+            device_id=device if backend == "nccl" else None,
+        )
+    return DistEnv(
+        rank=info["rank"],
+        local_rank=info["local_rank"],
+        world_size=info["world_size"],
+        launcher=info["launcher"],
+        device=device,
+        backend=backend,
+        num_nodes=info["num_nodes"],
+        warnings=tuple(warnings),
+    )
 
 
 def device_for(local_rank: int, gpus: int) -> torch.device:
@@ -221,9 +284,11 @@ def shared_gpu(identities: list[str]) -> str | None:
     for rank, ident in enumerate(identities):
         if ident in first:
             host, _, uuid = ident.partition(" ")
-            return (f"ranks {first[ident]} and {rank} both see only GPU {uuid} on {host}: each process sees one GPU "
-                    "but not its own; bind one GPU per task (srun --gpus-per-task=1) or let every process see all "
-                    "of the node's GPUs")
+            return (
+                f"ranks {first[ident]} and {rank} both see only GPU {uuid} on {host}: each process sees one GPU "
+                "but not its own; bind one GPU per task (srun --gpus-per-task=1) or let every process see all "
+                "of the node's GPUs"
+            )
         first[ident] = rank
     return None
 
@@ -235,8 +300,13 @@ def rendezvous_store(info: dict, timeout: datetime.timedelta, env=os.environ) ->
     dead attempt's addresses and fails to connect ("Connection refused").
     """
     agent_hosts = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent serves the store
-    store = dist.TCPStore(info["master_addr"], int(info["master_port"]), info["world_size"],
-                          is_master=info["rank"] == 0 and not agent_hosts, timeout=timeout)
+    store = dist.TCPStore(
+        info["master_addr"],
+        int(info["master_port"]),
+        info["world_size"],
+        is_master=info["rank"] == 0 and not agent_hosts,
+        timeout=timeout,
+    )
     return dist.PrefixStore(f"resnet_dist/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
@@ -248,13 +318,26 @@ def teardown() -> None:
 def explain_failure(e: BaseException, timeout_s: int) -> str | None:
     """A one-line cause for a failed collective (a peer died or hangs), or None if `e` is something else."""
     text = f"{type(e).__name__}: {e}"
-    markers = ("Connection closed by peer", "Connection reset", "Broken pipe", "timed out", "Timeout",
-               "NCCL", "Gloo", "gloo", "DistBackendError", "DistNetworkError", "DistStoreError")
+    markers = (
+        "Connection closed by peer",
+        "Connection reset",
+        "Broken pipe",
+        "timed out",
+        "Timeout",
+        "NCCL",
+        "Gloo",
+        "gloo",
+        "DistBackendError",
+        "DistNetworkError",
+        "DistStoreError",
+    )
     if not (isinstance(e, getattr(dist, "DistError", ())) or any(m in text for m in markers)):
         return None
     first = text.strip().splitlines()[0][:300]
-    return (f"a collective operation failed ({first}). Likely cause: another rank died (out of memory, killed, "
-            f"crashed: see its log) or stopped responding for over dist.timeout_s={timeout_s}s")
+    return (
+        f"a collective operation failed ({first}). Likely cause: another rank died (out of memory, killed, "
+        f"crashed: see its log) or stopped responding for over dist.timeout_s={timeout_s}s"
+    )
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -288,7 +371,9 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     for tensors in by_dtype.values():  # one broadcast per dtype, not one per buffer
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.broadcast(flat, src)
-        torch._foreach_copy_(tensors, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+        torch._foreach_copy_(
+            tensors, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        )
 
 
 def rank0_decides(value: bool, device: torch.device) -> bool:
@@ -384,11 +469,17 @@ def self_test(size_mb: int = 64, iters: int = 5) -> dict:
     `python -m resnet_dist.distributed --self-test`, alone or under a launcher; launch/gpu_check.sh runs it first.
     """
     import time
+
     env = setup()
     try:
         if not dist.is_initialized():  # one process: a group of one still exercises the backend
-            dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", store=dist.HashStore(),
-                                    rank=0, world_size=1, device_id=env.device if env.device.type == "cuda" else None)
+            dist.init_process_group(
+                "nccl" if env.device.type == "cuda" else "gloo",
+                store=dist.HashStore(),
+                rank=0,
+                world_size=1,
+                device_id=env.device if env.device.type == "cuda" else None,
+            )
         n = size_mb * 2**20 // 4
         t = torch.full((n,), float(env.rank + 1), device=env.device)
         dist.all_reduce(t)
@@ -403,12 +494,22 @@ def self_test(size_mb: int = 64, iters: int = 5) -> dict:
         secs = (time.perf_counter() - t0) / iters
         w = env.world_size
         # bus bandwidth as nccl-tests defines it: what each link carried in a ring all-reduce
-        result = {"backend": dist.get_backend(), "world_size": w, "device": str(env.device), "correct": ok,
-                  "size_mb": size_mb, "ms": 1e3 * secs, "bus_gb_s": size_mb * 2**20 * 2 * (w - 1) / w / secs / 1e9}
+        result = {
+            "backend": dist.get_backend(),
+            "world_size": w,
+            "device": str(env.device),
+            "correct": ok,
+            "size_mb": size_mb,
+            "ms": 1e3 * secs,
+            "bus_gb_s": size_mb * 2**20 * 2 * (w - 1) / w / secs / 1e9,
+        }
         if env.is_main:
-            print(f"all_reduce self-test: backend={result['backend']} world_size={w} device={env.device} "
-                  f"{'correct' if ok else 'WRONG RESULT'}, {size_mb} MB in {result['ms']:.2f} ms "
-                  f"(bus bandwidth {result['bus_gb_s']:.1f} GB/s)", flush=True)
+            print(
+                f"all_reduce self-test: backend={result['backend']} world_size={w} device={env.device} "
+                f"{'correct' if ok else 'WRONG RESULT'}, {size_mb} MB in {result['ms']:.2f} ms "
+                f"(bus bandwidth {result['bus_gb_s']:.1f} GB/s)",
+                flush=True,
+            )
         if not ok:
             raise SystemExit(1)
         return result
@@ -418,6 +519,7 @@ def self_test(size_mb: int = 64, iters: int = 5) -> dict:
 
 if __name__ == "__main__":
     import sys
+
     if sys.argv[1:] != ["--self-test"]:
         print("usage: python -m resnet_dist.distributed --self-test", file=sys.stderr)
         sys.exit(2)

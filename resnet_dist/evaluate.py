@@ -44,9 +44,15 @@ class Evaluator:
 
     @classmethod
     def from_config(cls, cfg: config.Config, device: torch.device) -> Evaluator:
-        return cls(cfg.data.resize, cfg.data.eval_batch_size, cfg.train.tta_flip,
-                   resolve_precision(cfg.train.precision, device), device,
-                   memory_format(device, cfg.train.channels_last), cfg.model.num_classes)
+        return cls(
+            cfg.data.resize,
+            cfg.data.eval_batch_size,
+            cfg.train.tta_flip,
+            resolve_precision(cfg.train.precision, device),
+            device,
+            memory_format(device, cfg.train.channels_last),
+            cfg.model.num_classes,
+        )
 
     @torch.no_grad()
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -75,17 +81,28 @@ class Evaluator:
         model.train(was_training)
         conf = total[1:].view(n, n).round().long()  # rows: true class, columns: predicted
         count = int(conf.sum())
-        assert count == len(labels), f"evaluation counted {count} images, the split has {len(labels)}: shards overlap"
+        assert count == len(labels), (
+            f"evaluation counted {count} images, the split has {len(labels)}: shards overlap"
+        )
         per_class = conf.diag().double() / conf.sum(1).clamp(min=1).double()
-        result = {"test/loss": float(total[0]) / count, "test/acc": float(conf.diag().sum()) / count,
-                  "test/samples": count}
+        result = {
+            "test/loss": float(total[0]) / count,
+            "test/acc": float(conf.diag().sum()) / count,
+            "test/samples": count,
+        }
         result.update({f"test/acc/{k}": float(a) for k, a in zip(CLASS_KEYS, per_class)})
         result["confusion"] = conf.tolist()
         return result
 
     @torch.no_grad()
-    def misclassified(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                      limit: int = PANEL_IMAGES, scan: int = PANEL_SCAN) -> list[tuple]:
+    def misclassified(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        limit: int = PANEL_IMAGES,
+        scan: int = PANEL_SCAN,
+    ) -> list[tuple]:
         """(uint8 image [H, W], true class, predicted class) for up to `limit` errors among the first `scan` images.
 
         No collectives: the plain module in eval mode, on one rank.
@@ -96,7 +113,9 @@ class Evaluator:
         pred = self.predict(model, x).argmax(1)  # as the evaluation predicts
         model.train(was_training)
         wrong = (pred != y).nonzero().flatten()[:limit].tolist()
-        return [(x[i].reshape(x.shape[-2], x.shape[-1]).cpu().numpy(), int(y[i]), int(pred[i])) for i in wrong]
+        return [
+            (x[i].reshape(x.shape[-2], x.shape[-1]).cpu().numpy(), int(y[i]), int(pred[i])) for i in wrong
+        ]
 
 
 def load_model(state: dict, cfg: config.Config, device: torch.device) -> nn.Module:
@@ -118,8 +137,11 @@ def checkpoint_config(state: dict, overrides) -> config.Config:
 def report(result: dict, path: Path) -> str:
     """Human-readable: overall and per-class accuracy, then the confusion matrix (rows true, columns predicted)."""
     conf = result["confusion"]
-    lines = [f"checkpoint {path}: test accuracy {result['test/acc']:.4f}, loss {result['test/loss']:.4f} "
-             f"on {result['test/samples']} images", "per-class accuracy:"]
+    lines = [
+        f"checkpoint {path}: test accuracy {result['test/acc']:.4f}, loss {result['test/loss']:.4f} "
+        f"on {result['test/samples']} images",
+        "per-class accuracy:",
+    ]
     keys = [k for k in result if k.startswith("test/acc/")]
     for i, (name, k, row) in enumerate(zip(CLASSES, keys, conf)):
         lines.append(f"  {name:<12} {result[k]:.4f}  ({row[i]}/{sum(row)})")
@@ -136,14 +158,20 @@ def write_outputs(result: dict, summary: dict, path: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(report(result, path), flush=True)
     json_path = out / f"{path.stem}.eval.json"
-    json_path.write_text(json.dumps({**summary, "classes": list(CLASSES), "confusion": result["confusion"]},
-                                    indent=1) + "\n")
+    json_path.write_text(
+        json.dumps({**summary, "classes": list(CLASSES), "confusion": result["confusion"]}, indent=1) + "\n"
+    )
     written = [json_path]
     try:
         from .plots import plot_confusion
 
-        written.append(plot_confusion(result["confusion"], out / f"{path.stem}.confusion.png",
-                                      f"{path.name}, step {summary['step']}"))
+        written.append(
+            plot_confusion(
+                result["confusion"],
+                out / f"{path.stem}.confusion.png",
+                f"{path.name}, step {summary['step']}",
+            )
+        )
     except Exception as e:  # noqa: BLE001 - the numbers matter more than the picture
         print(f"warning: no confusion PNG ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
     print("wrote " + ", ".join(map(str, written)), flush=True)
@@ -151,9 +179,14 @@ def write_outputs(result: dict, summary: dict, path: Path, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m resnet_dist.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/NAME/checkpoints/last.pt)")
+    p = argparse.ArgumentParser(
+        prog="python -m resnet_dist.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint file (e.g. runs/NAME/checkpoints/last.pt)"
+    )
     p.add_argument("--out", help="folder for the JSON and PNG (default: the checkpoint's folder)")
     args = cli.parse(p, sys.argv[1:] if argv is None else argv)
     path = Path(args.checkpoint)
@@ -173,9 +206,13 @@ def main(argv=None) -> int:
         result = evaluator.evaluate(load_model(state, cfg, env.device), test_x, test_y, env)
         if env.is_main:
             summary = {k: v for k, v in result.items() if k != "confusion"}
-            summary.update(checkpoint=str(path), step=state["progress"]["global_step"],
-                           epoch=state["progress"]["epoch"], world_size=env.world_size,
-                           precision=evaluator.precision)
+            summary.update(
+                checkpoint=str(path),
+                step=state["progress"]["global_step"],
+                epoch=state["progress"]["epoch"],
+                world_size=env.world_size,
+                precision=evaluator.precision,
+            )
             write_outputs(result, summary, path, Path(args.out) if args.out else path.parent)
         return 0
     except DataError as e:

@@ -28,7 +28,11 @@ class TrainMeter:
         self.global_batch = global_batch  # images per step over all ranks
         self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's open interval
         self.steps = 0  # steps in the open interval
-        self.epoch_sums = [0.0, 0.0, 0]  # loss sum, correct, images of the epoch so far: already over all ranks
+        self.epoch_sums = [
+            0.0,
+            0.0,
+            0,
+        ]  # loss sum, correct, images of the epoch so far: already over all ranks
         self.epoch_s = self.interval_s = 0.0  # training seconds of the epoch / of the open interval
         self.train_s = 0.0  # training seconds of this process, all epochs
         self._mark: float | None = None  # when the clock was last read; None while it is stopped
@@ -62,9 +66,16 @@ class TrainMeter:
         loss_sum, correct = all_reduce_sum(self.sums).tolist()
         self._read_clock()  # after the sync: the device has finished the interval's work
         n = self.steps * self.global_batch
-        self.epoch_sums = [self.epoch_sums[0] + loss_sum, self.epoch_sums[1] + correct, self.epoch_sums[2] + n]
-        interval = {"train/loss": loss_sum / n, "train/acc": correct / n,
-                    "images_per_s": n / self.interval_s if self.interval_s > 0 else 0.0}
+        self.epoch_sums = [
+            self.epoch_sums[0] + loss_sum,
+            self.epoch_sums[1] + correct,
+            self.epoch_sums[2] + n,
+        ]
+        interval = {
+            "train/loss": loss_sum / n,
+            "train/acc": correct / n,
+            "images_per_s": n / self.interval_s if self.interval_s > 0 else 0.0,
+        }
         self.epoch_s += self.interval_s
         self.train_s += self.interval_s
         self.sums.zero_()
@@ -81,8 +92,12 @@ class TrainMeter:
     def state_dict(self) -> dict:
         """Collective (the open interval is summed over ranks), so a resume on any world size carries it."""
         loss_sum, correct = all_reduce_sum(self.sums.clone()).tolist()
-        return {"interval": [loss_sum, correct], "interval_steps": self.steps,
-                "epoch_sums": list(self.epoch_sums), "epoch_time": self.epoch_s}
+        return {
+            "interval": [loss_sum, correct],
+            "interval_steps": self.steps,
+            "epoch_sums": list(self.epoch_sums),
+            "epoch_time": self.epoch_s,
+        }
 
     def load_state_dict(self, state: dict, is_main: bool) -> None:
         self.sums.zero_()
@@ -145,9 +160,12 @@ class ConsoleLogger(NullLogger):
     def log(self, record: dict, media: EpochMedia | None = None) -> None:
         if record.get("kind") != "epoch":
             return
-        print(f"epoch {record['epoch'] + 1} step {record['step']}: train loss {record['train/loss']:.4f} "
-              f"acc {record['train/acc']:.4f} | test loss {record['test/loss']:.4f} acc {record['test/acc']:.4f} "
-              f"({record['test/samples']} images) | {record['images_per_s']:.0f} img/s", flush=True)
+        print(
+            f"epoch {record['epoch'] + 1} step {record['step']}: train loss {record['train/loss']:.4f} "
+            f"acc {record['train/acc']:.4f} | test loss {record['test/loss']:.4f} acc {record['test/acc']:.4f} "
+            f"({record['test/samples']} images) | {record['images_per_s']:.0f} img/s",
+            flush=True,
+        )
 
 
 class MultiLogger(NullLogger):
@@ -182,11 +200,19 @@ def progress_bar(enabled: bool, mode: str, total: int, desc: str, initial: int =
     if not enabled or mode == "lines" or (mode == "auto" and not sys.stdout.isatty()):
         return NullProgress()
     from tqdm import tqdm
+
     try:
         size = os.get_terminal_size(sys.stderr.fileno())
     except OSError:
         size = os.terminal_size((0, 0))
     # a terminal that reports no size (some `srun --pty` sessions) would hide the bar: assume 100x24
     sized = size.columns > 0 and size.lines > 0
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=sized,
-                ncols=None if sized else 100, nrows=None if sized else 24)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=sized,
+        ncols=None if sized else 100,
+        nrows=None if sized else 24,
+    )

@@ -1,5 +1,6 @@
 """The original ResNet-18 (`Residual` blocks with an optional 1x1 projection, built by `resnet_block`), and how it
 meets the device: memory format and torch.compile."""
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,9 @@ class Residual(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, stride=strides)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.conv3 = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=strides) if use_1x1conv else None
+        self.conv3 = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=strides) if use_1x1conv else None
+        )
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
 
@@ -31,7 +34,9 @@ class Residual(nn.Module):
         return F.relu(Y + X)
 
 
-def resnet_block(in_channels: int, out_channels: int, num_residuals: int, first_block: bool = False) -> nn.Sequential:
+def resnet_block(
+    in_channels: int, out_channels: int, num_residuals: int, first_block: bool = False
+) -> nn.Sequential:
     """A stage: the first Residual halves the resolution and projects, except in the first stage."""
     blk = []
     for i in range(num_residuals):
@@ -44,10 +49,16 @@ def resnet_block(in_channels: int, out_channels: int, num_residuals: int, first_
 
 def stem(kind: str) -> nn.Sequential:
     if kind == "imagenet":  # the original: 224x224 inputs
-        return nn.Sequential(nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3), nn.BatchNorm2d(64), nn.ReLU(),
-                             nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        return nn.Sequential(
+            nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
     if kind == "cifar":  # keeps 28x28: the stages see 28/14/7/4 instead of 7/4/2/1
-        return nn.Sequential(nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        return nn.Sequential(
+            nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1), nn.BatchNorm2d(64), nn.ReLU()
+        )
     raise ValueError(f"unknown stem {kind!r}")
 
 
@@ -59,7 +70,10 @@ def build_model(cfg) -> nn.Sequential:
         resnet_block(64, 128, 2),
         resnet_block(128, 256, 2),
         resnet_block(256, 512, 2),
-        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(512, cfg.num_classes))
+        nn.AdaptiveAvgPool2d((1, 1)),
+        nn.Flatten(),
+        nn.Linear(512, cfg.num_classes),
+    )
     for m in net.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             if cfg.init == "xavier":  # the original recipe
@@ -75,7 +89,9 @@ def memory_format(device: torch.device, channels_last: bool) -> torch.memory_for
     return torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
 
 
-def compile_unavailable(device: torch.device, which=shutil.which, include_dir: str | None = None) -> str | None:
+def compile_unavailable(
+    device: torch.device, which=shutil.which, include_dir: str | None = None
+) -> str | None:
     """Why torch.compile cannot work here, or None: Inductor builds C/C++ code, which needs a compiler and
     the Python headers (a bare machine or container often has neither)."""
     names = ("cc", "gcc", "clang") if device.type == "cuda" else ("c++", "g++", "clang++")
@@ -94,7 +110,10 @@ def compiled(module: nn.Module, device: torch.device, warn: bool) -> nn.Module:
     if missing is None:
         return torch.compile(module)
     if warn:
-        print(f"warning: train.compile=true needs a compiler toolchain, but there is {missing}: training "
-              "without torch.compile (install gcc, g++ and python3-dev, or set train.compile=false)",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: train.compile=true needs a compiler toolchain, but there is {missing}: training "
+            "without torch.compile (install gcc, g++ and python3-dev, or set train.compile=false)",
+            file=sys.stderr,
+            flush=True,
+        )
     return module

@@ -5,6 +5,7 @@ On demand, from a checkpoint (its history holds one confusion matrix per epoch):
 
     python -m resnet_dist.plots --checkpoint runs/NAME/checkpoints/last.pt [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,9 @@ def plot_curves(records: list[dict], out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     last = records[-1]
-    fig.suptitle(f"epoch {last['epoch'] + 1}: test accuracy {last['test/acc']:.4f} ({last['test/samples']} images)")
+    fig.suptitle(
+        f"epoch {last['epoch'] + 1}: test accuracy {last['test/acc']:.4f} ({last['test/samples']} images)"
+    )
     return _save(fig, out)
 
 
@@ -60,7 +63,9 @@ def plot_confusion(confusion: list[list[int]], out: Path, title: str = "test con
     for i in range(n):
         for j in range(n):
             v = confusion[i][j]
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > top / 2 else "black")
+            ax.text(
+                j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > top / 2 else "black"
+            )
     ax.set_xticks(range(n), names, rotation=45, ha="right")
     ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")
@@ -90,18 +95,27 @@ def write_run_plots(run_dir: Path, history: list[dict], out: Path | None = None)
         written.append(plot_curves(records, out / "curves.png"))
     if history:
         last = history[-1]
-        written.append(plot_confusion(last["confusion"], out / "confusion.png",
-                                      f"test confusion matrix, epoch {last['epoch'] + 1}"))
+        written.append(
+            plot_confusion(
+                last["confusion"], out / "confusion.png", f"test confusion matrix, epoch {last['epoch'] + 1}"
+            )
+        )
     return written
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m resnet_dist.plots", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of the run (its run directory holds metrics.jsonl)")
+    p = argparse.ArgumentParser(
+        prog="python -m resnet_dist.plots",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint of the run (its run directory holds metrics.jsonl)"
+    )
     p.add_argument("--out", help="folder for the PNGs (default: the run directory)")
     args = p.parse_args(argv)
     from . import checkpoint
+
     path = Path(args.checkpoint)
     if not path.is_file():
         print(f"error: no checkpoint file at {path}", file=sys.stderr)

@@ -1,4 +1,5 @@
 """`python -m resnet_dist.train [--config FILE] [KEY=VALUE ...]`, under any launcher or none."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ def run_name(cfg: config.Config, env=os.environ) -> str:
         return env["SLURM_JOB_ID"]
     torchrun_id = env.get("TORCHELASTIC_RUN_ID", "none")
     if torchrun_id != "none" and int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        marks = sorted(Path(cfg.run.dir).glob(f"*/{TORCHRUN_MARK}"), key=lambda p: p.stat().st_mtime, reverse=True)
+        marks = sorted(
+            Path(cfg.run.dir).glob(f"*/{TORCHRUN_MARK}"), key=lambda p: p.stat().st_mtime, reverse=True
+        )
         for mark in marks:
             if mark.read_text().strip() == torchrun_id:
                 return mark.parent.name
@@ -47,26 +50,35 @@ def requeue_slurm_job(env=os.environ) -> None:
     if proc.returncode == 0:
         print(f"requeued SLURM job {job}: it resumes from its checkpoint when it starts again", flush=True)
     else:
-        print(f"warning: could not requeue SLURM job {job} (was it submitted with --requeue?): "
-              f"{(proc.stderr or proc.stdout).strip()}", file=sys.stderr, flush=True)
+        print(
+            f"warning: could not requeue SLURM job {job} (was it submitted with --requeue?): "
+            f"{(proc.stderr or proc.stdout).strip()}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def small_batch_warning(device, per_rank: int, world_size: int) -> str | None:
     """A GPU with fewer than 128 images per step spends its time launching kernels (at 28x28)."""
     if device.type != "cuda" or per_rank >= 128:
         return None
-    return (f"{per_rank} images per rank per step (train.batch_size={per_rank * world_size} over {world_size} GPUs): "
-            "at 28x28 a GPU is launch-bound below 128; raise train.batch_size to 128 x GPUs or more and scale "
-            "train.lr with it (README: Per-rank batch)")
+    return (
+        f"{per_rank} images per rank per step (train.batch_size={per_rank * world_size} over {world_size} GPUs): "
+        "at 28x28 a GPU is launch-bound below 128; raise train.batch_size to 128 x GPUs or more and scale "
+        "train.lr with it (README: Per-rank batch)"
+    )
 
 
 def write_plots(run_dir: Path, history: list) -> None:
     """curves.png and confusion.png in the run directory, for runs watched without W&B; never fatal."""
     try:
         from .plots import write_run_plots  # matplotlib: imported by rank 0 only, at the end
+
         write_run_plots(run_dir, history)
     except Exception as e:  # noqa: BLE001
-        print(f"warning: could not write the PNG plots ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        print(
+            f"warning: could not write the PNG plots ({type(e).__name__}: {e})", file=sys.stderr, flush=True
+        )
 
 
 def resume_state(cfg: config.Config, ckpt_dir: Path, env: distributed.DistEnv):
@@ -121,19 +133,31 @@ def main(argv=None) -> int:
                 truncate_jsonl(run_dir / "metrics.jsonl", state["progress"]["global_step"])
             # W&B continues the checkpoint's run (same id, its steps go on); None when W&B is off
             wb = wandb_logger.start(cfg, run_dir, run_dir.name, state.get("wandb_id") if state else None)
-            logger = MultiLogger(ConsoleLogger(), JsonlLogger(run_dir / "metrics.jsonl"), *([wb] if wb else []))
+            logger = MultiLogger(
+                ConsoleLogger(), JsonlLogger(run_dir / "metrics.jsonl"), *([wb] if wb else [])
+            )
         configure_backends(env.device)
         data = load_splits(cfg.data, env.device)
         # every checkpoint carries the W&B run id: a resumed or requeued job continues the same W&B run
-        trainer = Trainer(cfg, env, data, run_dir, logger, preemption=distributed.Preemption(env).install(),
-                          meta={"wandb_id": wb.id if wb else None})
+        trainer = Trainer(
+            cfg,
+            env,
+            data,
+            run_dir,
+            logger,
+            preemption=distributed.Preemption(env).install(),
+            meta={"wandb_id": wb.id if wb else None},
+        )
         if state is not None:
             trainer.load_state_dict(state)
         if env.is_main:
-            print(f"resnet_dist: launcher={env.launcher} world_size={env.world_size} nodes={env.num_nodes} "
-                  f"backend={env.backend or 'none'} device={env.device} precision={trainer.precision} "
-                  f"run_dir={run_dir} " + (f"resumed at step {trainer.global_step}" if state else "fresh start"),
-                  flush=True)
+            print(
+                f"resnet_dist: launcher={env.launcher} world_size={env.world_size} nodes={env.num_nodes} "
+                f"backend={env.backend or 'none'} device={env.device} precision={trainer.precision} "
+                f"run_dir={run_dir} "
+                + (f"resumed at step {trainer.global_step}" if state else "fresh start"),
+                flush=True,
+            )
             small = small_batch_warning(env.device, cfg.train.batch_size // env.world_size, env.world_size)
             if small:
                 print(f"warning: {small}", file=sys.stderr, flush=True)
@@ -141,8 +165,10 @@ def main(argv=None) -> int:
         if env.is_main:
             write_plots(run_dir, trainer.history)
             s = trainer.time_split()
-            print(f"time: training {s['train']:.1f} s, evaluation {s['eval']:.1f} s, checkpoints {s['save']:.1f} s",
-                  flush=True)
+            print(
+                f"time: training {s['train']:.1f} s, evaluation {s['eval']:.1f} s, checkpoints {s['save']:.1f} s",
+                flush=True,
+            )
             if outcome is Outcome.DONE:
                 print(f"finished: {run_dir}", flush=True)
             elif cfg.checkpoint.requeue:

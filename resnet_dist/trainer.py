@@ -52,28 +52,51 @@ class Trainer:
     global_step: int
     # metrics
     meter: TrainMeter
-    seconds: dict[str, float]  # this process's evaluation and checkpoint time (the meter has the training time)
+    seconds: dict[
+        str, float
+    ]  # this process's evaluation and checkpoint time (the meter has the training time)
     # run bookkeeping
     history: list[dict]  # one confusion matrix per epoch (plots.py draws the last)
     meta: dict  # saved with every checkpoint as it is (the W&B run id)
 
-    def __init__(self, cfg: Config, env: DistEnv, data: Splits, run_dir: Path | None = None, logger=None,
-                 preemption: Preemption | None = None, meta: dict | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        env: DistEnv,
+        data: Splits,
+        run_dir: Path | None = None,
+        logger=None,
+        preemption: Preemption | None = None,
+        meta: dict | None = None,
+    ):
         self.cfg, self.env, self.data, self.run_dir = cfg, env, data, run_dir
         self.logger = logger or NullLogger()
         self.preemption = preemption or NoPreemption()
         t, dev = cfg.train, env.device
-        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        self.batches = TrainBatches(data.train_x, data.train_y, t.batch_size // env.world_size, env.rank,
-                                    env.world_size, cfg.run.seed, cfg.data)
+        torch.manual_seed(
+            cfg.run.seed
+        )  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        self.batches = TrainBatches(
+            data.train_x,
+            data.train_y,
+            t.batch_size // env.world_size,
+            env.rank,
+            env.world_size,
+            cfg.run.seed,
+            cfg.data,
+        )
         self.gen = torch.Generator(device=dev).manual_seed(augment_seed(cfg.run.seed, env.rank))
         self.memory_format = memory_format(dev, t.channels_last)
         self.model = build_model(cfg.model).to(dev, memory_format=self.memory_format)
         self.ddp = None
         if env.distributed:
             # gradient_as_bucket_view: gradients live in DDP's buckets, saving a copy per step
-            self.ddp = DDP(self.model, device_ids=[dev] if dev.type == "cuda" else None,
-                           gradient_as_bucket_view=True, bucket_cap_mb=cfg.dist.bucket_mb)
+            self.ddp = DDP(
+                self.model,
+                device_ids=[dev] if dev.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+                bucket_cap_mb=cfg.dist.bucket_mb,
+            )
             if cfg.dist.grad_compression == "bf16":  # all-reduce bf16 copies of the gradients: half the bytes
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -117,8 +140,13 @@ class Trainer:
         c, spe = self.cfg, self.batches.steps_per_epoch
         self.meter.start_clock()
         while self.epoch < c.train.epochs:
-            bar = progress_bar(self.env.is_main, c.log.progress, spe, f"epoch {self.epoch + 1}/{c.train.epochs}",
-                               self.step_in_epoch)
+            bar = progress_bar(
+                self.env.is_main,
+                c.log.progress,
+                spe,
+                f"epoch {self.epoch + 1}/{c.train.epochs}",
+                self.step_in_epoch,
+            )
             for x, y in self.batches.epoch(self.epoch, self.gen, start_step=self.step_in_epoch):
                 self.train_step(x, y)
                 self.step_in_epoch += 1
@@ -129,8 +157,11 @@ class Trainer:
                 if self.step_in_epoch < spe and self.preemption.agreed():
                     bar.close()
                     return self.stop()
-                if c.checkpoint.every_steps and self.global_step % c.checkpoint.every_steps == 0 \
-                        and self.step_in_epoch < spe:
+                if (
+                    c.checkpoint.every_steps
+                    and self.global_step % c.checkpoint.every_steps == 0
+                    and self.step_in_epoch < spe
+                ):
                     with self.meter.paused():
                         self.save()
             bar.close()
@@ -144,8 +175,15 @@ class Trainer:
         interval = self.meter.flush()
         lr = self.scheduler.get_last_lr()[0]
         bar.set_postfix_str(f"loss {interval['train/loss']:.4f} lr {lr:.4g}")
-        record = {"kind": "step", "epoch": self.epoch, "step": self.global_step, "train/loss": interval["train/loss"],
-                  "train/acc": interval["train/acc"], "lr": lr, "images_per_s": interval["images_per_s"]}
+        record = {
+            "kind": "step",
+            "epoch": self.epoch,
+            "step": self.global_step,
+            "train/loss": interval["train/loss"],
+            "train/acc": interval["train/acc"],
+            "lr": lr,
+            "images_per_s": interval["images_per_s"],
+        }
         if self.env.device.type == "cuda":
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         self.logger.log(record)
@@ -154,10 +192,16 @@ class Trainer:
         """Evaluate, log the epoch, and save when the checkpoint cadence says so; True if it saved."""
         with self.meter.paused():
             train = self.meter.end_epoch()
-            record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step,
-                      "world_size": self.env.world_size, "train/loss": train["train/loss"],
-                      "train/acc": train["train/acc"], "lr": self.scheduler.get_last_lr()[0],
-                      "images_per_s": train["images_per_s"]}
+            record = {
+                "kind": "epoch",
+                "epoch": self.epoch,
+                "step": self.global_step,
+                "world_size": self.env.world_size,
+                "train/loss": train["train/loss"],
+                "train/acc": train["train/acc"],
+                "lr": self.scheduler.get_last_lr()[0],
+                "images_per_s": train["images_per_s"],
+            }
             start = time.perf_counter()
             result = self.evaluate()
             self.seconds["eval"] += time.perf_counter() - start
@@ -192,8 +236,10 @@ class Trainer:
         if not saved:
             self.save()
         if self.env.is_main:
-            print(f"preempted: checkpoint saved at step {self.global_step}; "
-                  "the same command resumes from it", flush=True)
+            print(
+                f"preempted: checkpoint saved at step {self.global_step}; the same command resumes from it",
+                flush=True,
+            )
         return Outcome.PREEMPTED
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -230,8 +276,13 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "progress": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                         "sampler_seed": self.batches.sampler.seed, **meter},
+            "progress": {
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step,
+                "sampler_seed": self.batches.sampler.seed,
+                **meter,
+            },
             "rng": rngs,
             "config": self.cfg.to_dict(),
             "world_size": self.env.world_size,
@@ -242,26 +293,37 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         saved_model = state["config"]["model"]
         if saved_model != self.cfg.to_dict()["model"]:
-            raise checkpoint.CheckpointError(f"checkpoint model config {saved_model} differs from this run's "
-                                             f"{self.cfg.to_dict()['model']}: refusing to load it")
+            raise checkpoint.CheckpointError(
+                f"checkpoint model config {saved_model} differs from this run's "
+                f"{self.cfg.to_dict()['model']}: refusing to load it"
+            )
         self.model.load_state_dict(state["model"])
         if state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when the saving run had no GradScaler (bf16, fp32): fp16 starts a fresh one
+        if state[
+            "scaler"
+        ]:  # empty when the saving run had no GradScaler (bf16, fp32): fp16 starts a fresh one
             self.scaler.load_state_dict(state["scaler"])
         p = state["progress"]  # counts global batches and sums over ranks: carries over to another world size
         self.epoch, self.step_in_epoch, self.global_step = p["epoch"], p["step_in_epoch"], p["global_step"]
-        self.batches.sampler.seed = p["sampler_seed"]  # the run's data order, even if run.seed was changed since
+        self.batches.sampler.seed = p[
+            "sampler_seed"
+        ]  # the run's data order, even if run.seed was changed since
         self.meter.load_state_dict(p, self.env.is_main)
         rngs = state["rng"]
         restored = self.env.rank < len(rngs) and checkpoint.set_rng_state(rngs[self.env.rank], self.gen)
-        if not restored:  # a new rank after a resize, or a checkpoint from another kind of device: a fresh stream
+        if (
+            not restored
+        ):  # a new rank after a resize, or a checkpoint from another kind of device: a fresh stream
             self.gen.manual_seed(augment_seed(self.cfg.run.seed, self.env.rank, self.global_step))
             saved_on = rngs[0].get("augment_device", "cpu")
             if self.env.is_main and saved_on != self.gen.device.type:
-                print(f"note: the checkpoint's augmentation random streams were saved on {saved_on} and cannot be "
-                      f"restored on {self.gen.device.type}: reseeded from run.seed and step {self.global_step} (the "
-                      "run goes on, not bit-identical to an uninterrupted one)", flush=True)
+                print(
+                    f"note: the checkpoint's augmentation random streams were saved on {saved_on} and cannot be "
+                    f"restored on {self.gen.device.type}: reseeded from run.seed and step {self.global_step} (the "
+                    "run goes on, not bit-identical to an uninterrupted one)",
+                    flush=True,
+                )
         self.history = list(state.get("history", []))

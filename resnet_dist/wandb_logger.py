@@ -11,6 +11,7 @@ images_per_s, ...). Epoch records log test/* as they are, and the epoch's train 
 train/epoch_loss and train/epoch_acc (so they do not overwrite the interval values logged at the same
 step), plus the test confusion matrix (a W&B confusion-matrix chart) and a few misclassified test images.
 """
+
 from __future__ import annotations
 
 import netrc
@@ -27,8 +28,14 @@ from .data import CLASSES
 from .metrics import EpochMedia, NullLogger
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
-EPOCH_KEYS = {"train/loss": "train/epoch_loss", "train/acc": "train/epoch_acc",
-              "images_per_s": "epoch_images_per_s", "lr": None, "kind": None, "step": None}
+EPOCH_KEYS = {
+    "train/loss": "train/epoch_loss",
+    "train/acc": "train/epoch_acc",
+    "images_per_s": "epoch_images_per_s",
+    "lr": None,
+    "kind": None,
+    "step": None,
+}
 STEP_KEYS = {"kind": None, "step": None}
 
 
@@ -94,22 +101,34 @@ def start(cfg, run_dir: Path, run_name: str, run_id: str | None = None, env=os.e
         return None
     try:
         import wandb
+
         wandb.setup(settings=wandb.Settings(silent=True))  # our own lines below say what matters
     except Exception as e:  # noqa: BLE001 - a broken install must not stop training
         warn(f"W&B is off for this run: {one_line(e)}", env)
         return None
     w = cfg.log.wandb
     run_id = run_id or new_run_id()
-    kwargs = dict(id=run_id, resume="allow", dir=str(run_dir), project=w.project, entity=w.entity,
-                  group=w.group or env.get("SLURM_JOB_ID") or run_name, name=w.name or run_name,
-                  tags=list(w.tags) or None, config=cfg.to_dict())
+    kwargs = dict(
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        project=w.project,
+        entity=w.entity,
+        group=w.group or env.get("SLURM_JOB_ID") or run_name,
+        name=w.name or run_name,
+        tags=list(w.tags) or None,
+        config=cfg.to_dict(),
+    )
     failed = None
     if mode == "online":
         failed = unreachable(env, min(5.0, w.init_timeout_s))
         if failed is None:
             try:
-                run = wandb.init(mode="online", settings=wandb.Settings(init_timeout=w.init_timeout_s, silent=True),
-                                 **kwargs)
+                run = wandb.init(
+                    mode="online",
+                    settings=wandb.Settings(init_timeout=w.init_timeout_s, silent=True),
+                    **kwargs,
+                )
                 print(f"wandb: online run {run.url}", flush=True)
                 return WandbLogger(run, offline=False)
             except Exception as e:  # noqa: BLE001 - no network, bad key, timeout: all mean "log offline"
@@ -169,13 +188,19 @@ class WandbLogger(NullLogger):
         conf, n = media.confusion, len(media.confusion)
         rows = [[CLASSES[i], CLASSES[j], conf[i][j]] for i in range(n) for j in range(n)]
         table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=rows)
-        out = {"test/confusion": wandb.plot_table(
-            "wandb/confusion_matrix/v1", table,
-            {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
-            {"title": f"Test confusion matrix, epoch {media.epoch + 1}"})}
+        out = {
+            "test/confusion": wandb.plot_table(
+                "wandb/confusion_matrix/v1",
+                table,
+                {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+                {"title": f"Test confusion matrix, epoch {media.epoch + 1}"},
+            )
+        }
         if media.misclassified:
-            out["test/misclassified"] = [wandb.Image(img, caption=f"true: {CLASSES[y]} / predicted: {CLASSES[p]}")
-                                         for img, y, p in media.misclassified]
+            out["test/misclassified"] = [
+                wandb.Image(img, caption=f"true: {CLASSES[y]} / predicted: {CLASSES[p]}")
+                for img, y, p in media.misclassified
+            ]
         return out
 
     def close(self) -> None:

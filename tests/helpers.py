@@ -21,39 +21,73 @@ def free_port() -> int:
 
 def clean_env(**extra) -> dict:
     """The environment of a launched job: no inherited launcher variables, W&B off unless asked, 1 thread."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "TORCHELASTIC_", "ACCELERATE_", "WANDB_"))
-           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "TORCHELASTIC_", "ACCELERATE_", "WANDB_"))
+        and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    }
     env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
 def torchrun(nproc: int, *extra_launcher_args: str, module: str = "resnet_dist.train") -> list[str]:
-    return [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
-            "--rdzv-endpoint=localhost:0", *extra_launcher_args, "-m", module]
+    return [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=localhost:0",
+        *extra_launcher_args,
+        "-m",
+        module,
+    ]
 
 
 # 512 images, global batch 64 on 2 ranks: 8 steps per epoch, 24 in all; logs every 3 steps and
 # checkpoints every 2, so a checkpoint can fall inside a log interval (its partial sums must carry over)
-RESUME = ("train.epochs=3", "checkpoint.every_steps=2", "checkpoint.keep=3", "train.momentum=0.9",
-          "train.schedule=onecycle", "train.warmup=0.2", "data.crop_padding=2", "data.flip=true", "data.erasing=0.3")
+RESUME = (
+    "train.epochs=3",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep=3",
+    "train.momentum=0.9",
+    "train.schedule=onecycle",
+    "train.warmup=0.2",
+    "data.crop_padding=2",
+    "data.flip=true",
+    "data.erasing=0.3",
+)
 
 
 def small_run(data_root: Path, run_dir: Path, name: str, *overrides: str) -> list[str]:
     """Overrides for a short run on a subset of the real data."""
-    return [f"data.root={data_root}", f"run.dir={run_dir}", f"run.name={name}", "data.train_subset=512",
-            "data.test_subset=999", "train.batch_size=64", "train.epochs=2", "log.every_steps=3",
-            "data.eval_batch_size=256", *overrides]
+    return [
+        f"data.root={data_root}",
+        f"run.dir={run_dir}",
+        f"run.name={name}",
+        "data.train_subset=512",
+        "data.test_subset=999",
+        "train.batch_size=64",
+        "train.epochs=2",
+        "log.every_steps=3",
+        "data.eval_batch_size=256",
+        *overrides,
+    ]
 
 
 def run(cmd: list[str], timeout: float = 300, **env) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=clean_env(**env), capture_output=True, text=True, timeout=timeout
+    )
     return proc
 
 
 def read_metrics(run_path: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
 
 
 def epochs(records: list[dict]) -> list[dict]:
@@ -61,11 +95,19 @@ def epochs(records: list[dict]) -> list[dict]:
 
 
 def _spawned(fn, rank, world, port, out, args):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     import torch
 
     from resnet_dist import distributed
+
     torch.set_num_threads(1)
     env = distributed.setup(timeout_s=60)
     try:
@@ -82,6 +124,7 @@ def in_gloo_group(fn, world: int, *args, timeout: float = 240) -> list:
 
     `fn` must be importable (a module-level function of a test module)."""
     import multiprocessing as mp
+
     ctx = mp.get_context("spawn")
     out, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_spawned, args=(fn, r, world, port, out, args)) for r in range(world)]

@@ -16,6 +16,7 @@ log dir as its working directory; an `unreachable 10.254.0.0/16` route keeps tes
 
 Run it by hand: `python -m tests.slurm_cluster` starts a cluster and prints how to use it until ^C.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,17 @@ import pytest
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "iproute2"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "munged", "ip", "nsenter", "unshare"]
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-            "BOOT_FAIL", "DEADLINE"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 class Unavailable(Exception):
@@ -42,9 +52,13 @@ class Unavailable(Exception):
 
 def sh(*cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
     """Run a short command with its stdin closed and its output captured (never a daemon: see module doc)."""
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, **kw)
+    proc = subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, **kw
+    )
     if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}"
+        )
     return proc
 
 
@@ -54,7 +68,16 @@ def install_packages() -> None:
         return
     if not shutil.which("apt-get"):
         raise Unavailable(f"SLURM is not installed and there is no apt-get to install {' '.join(PACKAGES)}")
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=120", *PACKAGES]
+    cmd = [
+        "apt-get",
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "-o",
+        "DPkg::Lock::Timeout=120",
+        *PACKAGES,
+    ]
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     proc = sh(*cmd, check=False, timeout=600, env=env)
     if proc.returncode != 0:
@@ -62,8 +85,10 @@ def install_packages() -> None:
         proc = sh(*cmd, check=False, timeout=600, env=env)
     missing = [b for b in BINARIES if not shutil.which(b)]
     if missing:
-        raise Unavailable(f"could not install {' '.join(PACKAGES)} (missing {missing}): "
-                          f"{(proc.stderr or proc.stdout).strip()[-300:]}")
+        raise Unavailable(
+            f"could not install {' '.join(PACKAGES)} (missing {missing}): "
+            f"{(proc.stderr or proc.stdout).strip()[-300:]}"
+        )
 
 
 def pid_alive(pid: int) -> bool:
@@ -131,17 +156,43 @@ class SlurmCluster:
             self._start_munge()
             self._start_network()
             self._write_conf()
-            self._daemon("slurmctld", ["slurmctld", "-f", str(self.conf)], self.root / "run" / "slurmctld.pid")
-            wait_for("slurmctld", lambda: "UP" in self.scontrol("ping", check=False).stdout, 30,
-                     [self.log_dir / "slurmctld.log"])
+            self._daemon(
+                "slurmctld", ["slurmctld", "-f", str(self.conf)], self.root / "run" / "slurmctld.pid"
+            )
+            wait_for(
+                "slurmctld",
+                lambda: "UP" in self.scontrol("ping", check=False).stdout,
+                30,
+                [self.log_dir / "slurmctld.log"],
+            )
             for name, ns in zip(self.node_names, self.netns):
-                inner = (f"hostname {name} && mount --bind {self.root / 'hosts'} /etc/hosts && "
-                         f"exec slurmd -f {self.conf} -N {name}")
-                self._daemon(f"slurmd-{name}", ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount",
-                                                "--propagation", "private", "sh", "-c", inner],
-                             self.root / "run" / f"slurmd-{name}.pid")
-            wait_for("the nodes to be idle", self._all_idle, 60,
-                     [self.log_dir / f"slurmd-{n}.log" for n in self.node_names] + [self.log_dir / "slurmctld.log"])
+                inner = (
+                    f"hostname {name} && mount --bind {self.root / 'hosts'} /etc/hosts && "
+                    f"exec slurmd -f {self.conf} -N {name}"
+                )
+                self._daemon(
+                    f"slurmd-{name}",
+                    [
+                        "nsenter",
+                        f"--net=/run/netns/{ns}",
+                        "unshare",
+                        "--uts",
+                        "--mount",
+                        "--propagation",
+                        "private",
+                        "sh",
+                        "-c",
+                        inner,
+                    ],
+                    self.root / "run" / f"slurmd-{name}.pid",
+                )
+            wait_for(
+                "the nodes to be idle",
+                self._all_idle,
+                60,
+                [self.log_dir / f"slurmd-{n}.log" for n in self.node_names]
+                + [self.log_dir / "slurmctld.log"],
+            )
         except BaseException:
             self.stop()
             raise
@@ -155,11 +206,30 @@ class SlurmCluster:
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o600)
         # --force: munged refuses to run as root otherwise; here everything (slurm too) runs as root
-        self._daemon("munged", ["munged", "--force", f"--socket={m / 'socket'}", f"--key-file={key}",
-                                f"--log-file={m / 'munged.log'}", f"--pid-file={m / 'munged.pid'}",
-                                f"--seed-file={m / 'seed'}"], m / "munged.pid")
-        wait_for("munged", lambda: sh("sh", "-c", f"munge -S {m / 'socket'} -n | unmunge -S {m / 'socket'}",
-                                      check=False).returncode == 0, 15, [m / "munged.log"])
+        self._daemon(
+            "munged",
+            [
+                "munged",
+                "--force",
+                f"--socket={m / 'socket'}",
+                f"--key-file={key}",
+                f"--log-file={m / 'munged.log'}",
+                f"--pid-file={m / 'munged.pid'}",
+                f"--seed-file={m / 'seed'}",
+            ],
+            m / "munged.pid",
+        )
+        wait_for(
+            "munged",
+            lambda: (
+                sh(
+                    "sh", "-c", f"munge -S {m / 'socket'} -n | unmunge -S {m / 'socket'}", check=False
+                ).returncode
+                == 0
+            ),
+            15,
+            [m / "munged.log"],
+        )
 
     def _start_network(self) -> None:
         """A bridge on the host and one namespace per node, joined by veth pairs; nothing routed outside."""
@@ -167,7 +237,9 @@ class SlurmCluster:
         start = os.getpid() % 150  # two sessions starting at once are unlikely to pick the same subnet
         free = [x for x in (101 + (start + i) % 150 for i in range(150)) if str(x) not in used]
         self.subnet = f"10.254.{free[0]}"
-        sh("ip", "route", "replace", "unreachable", "10.254.0.0/16")  # nothing for 10.254/16 leaves the machine
+        sh(
+            "ip", "route", "replace", "unreachable", "10.254.0.0/16"
+        )  # nothing for 10.254/16 leaves the machine
         self.route_added = True
         sh("ip", "link", "add", self.bridge, "type", "bridge")
         sh("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
@@ -179,9 +251,12 @@ class SlurmCluster:
             sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", node_end)
             sh("ip", "link", "set", host_end, "master", self.bridge, "up")
             sh("ip", "link", "set", node_end, "netns", ns)
-            for cmd in (["link", "set", node_end, "name", "eth0"],
-                        ["addr", "add", f"{self.subnet}.{10 + i}/24", "dev", "eth0"],
-                        ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"]):
+            for cmd in (
+                ["link", "set", node_end, "name", "eth0"],
+                ["addr", "add", f"{self.subnet}.{10 + i}/24", "dev", "eth0"],
+                ["link", "set", "eth0", "up"],
+                ["link", "set", "lo", "up"],
+            ):
                 sh("ip", "-n", ns, *cmd)
             hosts.append(f"{self.subnet}.{10 + i} {name}")
         (self.root / "hosts").write_text("\n".join(hosts) + "\n")
@@ -189,8 +264,11 @@ class SlurmCluster:
     def _write_conf(self) -> None:
         hw = sh("slurmd", "-C").stdout.split("\n")[0]
         fields = dict(kv.split("=", 1) for kv in hw.split() if "=" in kv)
-        node_hw = " ".join(f"{k}={fields[k]}" for k in ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket",
-                                                        "ThreadsPerCore", "RealMemory") if k in fields)
+        node_hw = " ".join(
+            f"{k}={fields[k]}"
+            for k in ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")
+            if k in fields
+        )
         r = self.root
         with socket.socket() as s:  # the controller's port: free, so a second cluster here does not collide
             s.bind(("", 0))
@@ -199,20 +277,33 @@ class SlurmCluster:
             "ClusterName=resnetdist",
             f"SlurmctldHost={socket.gethostname()}({self.subnet}.1)",
             f"SlurmctldPort={port}",
-            "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", "CredType=cred/munge",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
             # cred_expire=10: a requeued job may start again after 11 s instead of 121 s
             f"AuthInfo=socket={r / 'munge' / 'socket'},cred_expire=10",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
-            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
-            "ReturnToService=2", "MailProg=/bin/true", "KillWait=5",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "MpiDefault=none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "ReturnToService=2",
+            "MailProg=/bin/true",
+            "KillWait=5",
             "SchedulerParameters=sched_interval=2,bf_interval=2",
-            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool' / '%n'}",
-            f"SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'run' / 'slurmd-%n.pid'}",
-            f"SlurmctldLogFile={self.log_dir / 'slurmctld.log'}", f"SlurmdLogFile={self.log_dir / 'slurmd-%n.log'}",
-            *(f"NodeName={n} NodeHostname={n} NodeAddr={self.subnet}.{10 + i} {node_hw} State=UNKNOWN"
-              for i, n in enumerate(self.node_names, start=1)),
+            f"StateSaveLocation={r / 'state'}",
+            f"SlurmdSpoolDir={r / 'spool' / '%n'}",
+            f"SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}",
+            f"SlurmdPidFile={r / 'run' / 'slurmd-%n.pid'}",
+            f"SlurmctldLogFile={self.log_dir / 'slurmctld.log'}",
+            f"SlurmdLogFile={self.log_dir / 'slurmd-%n.log'}",
+            *(
+                f"NodeName={n} NodeHostname={n} NodeAddr={self.subnet}.{10 + i} {node_hw} State=UNKNOWN"
+                for i, n in enumerate(self.node_names, start=1)
+            ),
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
@@ -222,8 +313,14 @@ class SlurmCluster:
         pid_file.unlink(missing_ok=True)
         out = self.log_dir / f"{name}.stdio"
         with open(out, "ab") as f:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=60,
-                                  env={**os.environ, "SLURM_CONF": str(self.conf)})
+            proc = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=f,
+                timeout=60,
+                env={**os.environ, "SLURM_CONF": str(self.conf)},
+            )
         self.started.append(pid_file)
         if proc.returncode != 0:
             raise RuntimeError(f"{name} failed to start ({proc.returncode}): {out.read_text()[-2000:]}")
@@ -238,8 +335,9 @@ class SlurmCluster:
         """`base` (default: this process's environment) plus SLURM_CONF pointing at this cluster."""
         return {**(os.environ if base is None else base), "SLURM_CONF": str(self.conf)}
 
-    def run(self, *cmd: str, check: bool = True, timeout: float = 60, env: dict | None = None,
-            cwd=None) -> subprocess.CompletedProcess:
+    def run(
+        self, *cmd: str, check: bool = True, timeout: float = 60, env: dict | None = None, cwd=None
+    ) -> subprocess.CompletedProcess:
         return sh(*cmd, check=check, timeout=timeout, env=self.env(env), cwd=cwd)
 
     def scontrol(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -307,8 +405,11 @@ def reap_stale() -> None:
         stale = SlurmCluster(root)
         stale.tag, stale.bridge = tag, f"{tag}br"
         stale.netns = [f"{tag}n{i}" for i in range(1, stale.nodes + 1)]
-        stale.started = [root / "munge" / "munged.pid", root / "run" / "slurmctld.pid",
-                         *sorted((root / "run").glob("slurmd-*.pid"))]
+        stale.started = [
+            root / "munge" / "munged.pid",
+            root / "run" / "slurmctld.pid",
+            *sorted((root / "run").glob("slurmd-*.pid")),
+        ]
         stale.route_added = True
         stale.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -319,8 +420,10 @@ def start_cluster(root: Path, nodes: int = 2) -> SlurmCluster:
     if not hasattr(os, "geteuid") or not Path("/proc/self").exists():
         raise Unavailable("the local SLURM cluster needs Linux")
     if os.geteuid() != 0:
-        raise Unavailable("the local SLURM cluster needs root (to install SLURM, run its daemons as root "
-                          "and create network namespaces); run the tests as root, or with -m 'not slurm'")
+        raise Unavailable(
+            "the local SLURM cluster needs root (to install SLURM, run its daemons as root "
+            "and create network namespaces); run the tests as root, or with -m 'not slurm'"
+        )
     reap_stale()
     install_packages()
     probe = f"rd{os.getpid() % 100000}probe"
@@ -352,6 +455,7 @@ if __name__ == "__main__":
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
     try:

@@ -1,4 +1,5 @@
 """The benchmark command: a short CPU run prints the table and writes valid JSON, in every mode."""
+
 import json
 
 import pytest
@@ -6,23 +7,48 @@ import torch
 
 from .helpers import PY, run, torchrun
 
-SHORT = ["--steps", "2", "--warmup", "1", "train.batch_size=32", "data.train_subset=256", "data.test_subset=64"]
+SHORT = [
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "train.batch_size=32",
+    "data.train_subset=256",
+    "data.test_subset=64",
+]
 
 
 def check(result: dict, mode: str, world: int):
     assert result["mode"] == mode and result["world_size"] == world
-    assert result["images_per_s"] > 0 and result["images_per_s_per_rank"] == pytest.approx(result["images_per_s"] / world)
+    assert result["images_per_s"] > 0 and result["images_per_s_per_rank"] == pytest.approx(
+        result["images_per_s"] / world
+    )
     s = result["step_ms"]
     assert s["total"] == pytest.approx(s["data"] + s["compute"] + s["allreduce_wait"])
-    assert result["train_gflop_per_image"] == pytest.approx(0.197, abs=0.01)  # 28x28, 7x7 stem (performance notes)
+    assert result["train_gflop_per_image"] == pytest.approx(
+        0.197, abs=0.01
+    )  # 28x28, 7x7 stem (performance notes)
     assert result["mfu"] is None and result["peak_tflops_per_rank"] is None  # CPU: no known peak
 
 
 @pytest.mark.parametrize("mode", ["trainer", "bare", "torchvision"])
 def test_bench_single_process(tmp_path, data_root, mode):
     out = tmp_path / "b.json"
-    proc = run([PY, "-m", "resnet_dist.bench", "--mode", mode, "--workers", "1", "--out", str(out), *SHORT,
-                f"data.root={data_root}"])
+    proc = run(
+        [
+            PY,
+            "-m",
+            "resnet_dist.bench",
+            "--mode",
+            mode,
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+            *SHORT,
+            f"data.root={data_root}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     assert "images/s total" in proc.stdout and "step ms: all-reduce wait" in proc.stdout
     check(json.loads(out.read_text()), mode, 1)
@@ -30,7 +56,9 @@ def test_bench_single_process(tmp_path, data_root, mode):
 
 def test_bench_two_ranks_reports_allreduce_wait_and_stragglers(tmp_path, data_root):
     out = tmp_path / "b.json"
-    proc = run(torchrun(2, module="resnet_dist.bench") + ["--out", str(out), *SHORT, f"data.root={data_root}"])
+    proc = run(
+        torchrun(2, module="resnet_dist.bench") + ["--out", str(out), *SHORT, f"data.root={data_root}"]
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("images/s total") == 1  # rank 0 only
     r = json.loads(out.read_text())
@@ -45,19 +73,30 @@ def test_bench_bad_arguments_exit_2(tmp_path):
     assert proc.returncode == 2 and "train.lr" in proc.stderr
 
 
-@pytest.mark.parametrize("name, precision, tf32, want", [
-    ("NVIDIA H100 80GB HBM3", "bf16", True, 989.4), ("NVIDIA H100 PCIe", "bf16", True, 756.5),
-    ("NVIDIA H100 NVL", "bf16", True, 835.5), ("NVIDIA H200", "fp16", False, 989.4),
-    ("NVIDIA H200", "fp32", True, 494.7), ("NVIDIA H200", "fp32", False, 66.9),
-    ("NVIDIA L4", "bf16", True, 121.0), ("NVIDIA L40", "bf16", True, 181.0), ("NVIDIA L40S", "bf16", True, 362.0),
-    ("Tesla V100-SXM2-16GB", "fp32", True, 15.7),  # no TF32 before Ampere
-    ("NVIDIA H100", "bf16", True, None), ("NVIDIA GeForce RTX 3060", "bf16", True, None),  # unknown: no guess
-])
+@pytest.mark.parametrize(
+    "name, precision, tf32, want",
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", True, 989.4),
+        ("NVIDIA H100 PCIe", "bf16", True, 756.5),
+        ("NVIDIA H100 NVL", "bf16", True, 835.5),
+        ("NVIDIA H200", "fp16", False, 989.4),
+        ("NVIDIA H200", "fp32", True, 494.7),
+        ("NVIDIA H200", "fp32", False, 66.9),
+        ("NVIDIA L4", "bf16", True, 121.0),
+        ("NVIDIA L40", "bf16", True, 181.0),
+        ("NVIDIA L40S", "bf16", True, 362.0),
+        ("Tesla V100-SXM2-16GB", "fp32", True, 15.7),  # no TF32 before Ampere
+        ("NVIDIA H100", "bf16", True, None),
+        ("NVIDIA GeForce RTX 3060", "bf16", True, None),  # unknown: no guess
+    ],
+)
 def test_peak_by_exact_gpu_name(name, precision, tf32, want):
     from resnet_dist.bench import peak_tflops
+
     assert peak_tflops(name, precision, tf32) == want
 
 
 def test_matmul_ceiling_is_measured():
     from resnet_dist.bench import matmul_ceiling_tflops
+
     assert matmul_ceiling_tflops(torch.device("cpu"), n=128, iters=2) > 0

@@ -47,7 +47,9 @@ while True:
 def test_kill_during_save_never_leaves_a_partial_file(tmp_path):
     ck = tmp_path / "ck"
     for delay in (0.0, 0.02, 0.05, 0.1):  # 16 MB saves take ~0.05-0.2 s: kills land mid-write
-        proc = subprocess.Popen([PY, "-c", KILLER, str(ck)], cwd=REPO, env=clean_env(), stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [PY, "-c", KILLER, str(ck)], cwd=REPO, env=clean_env(), stdout=subprocess.PIPE
+        )
         proc.stdout.readline()  # one save done, the next under way
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)

@@ -19,8 +19,9 @@ def test_defaults_are_the_original_recipe_numbers():
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  lr: 0.2\n  epochs: 3\ndata:\n  train_subset: 100\n")
-    cfg = config.load(str(f), ["train.lr=0.3", "data.train_subset=null", "run.name=1234", "train.momentum=0"],
-                      world_size=1)
+    cfg = config.load(
+        str(f), ["train.lr=0.3", "data.train_subset=null", "run.name=1234", "train.momentum=0"], world_size=1
+    )
     assert cfg.train.lr == 0.3 and cfg.train.epochs == 3
     assert cfg.data.train_subset is None
     assert cfg.run.name == "1234"  # a job id given as a number is still a name
@@ -37,26 +38,29 @@ def test_dotted_keys_inside_yaml_and_sections(tmp_path):
     assert cfg.train.lr == 0.5 and cfg.log.wandb.mode == "offline"
 
 
-@pytest.mark.parametrize("override, words", [
-    ("train.lrr=0.1", "train.lrr"),
-    ("nope=1", "'nope'"),
-    ("train.lr=abc", "train.lr"),
-    ("train.lr=-1", "train.lr"),
-    ("train.lr=0", "train.lr"),
-    ("train.epochs=1.5", "train.epochs"),
-    ("train.epochs=true", "train.epochs"),
-    ("train.precision=fp8", "train.precision"),
-    ("model.stem=vgg", "model.stem"),
-    ("data.erasing=1.5", "data.erasing"),
-    ("train.batch_size=0", "train.batch_size"),
-    ("train.lr=null", "train.lr"),
-    ("train=3", "'train'"),
-    ("train.lr.x=1", "train.lr"),
-    ("justtext", "KEY=VALUE"),
-    ("train.nesterov=true", "train.nesterov"),
-    ("checkpoint.resume=/no/such/file.pt", "checkpoint.resume"),
-    ("data.mirror=/no/such/dir", "data.mirror"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.lrr=0.1", "train.lrr"),
+        ("nope=1", "'nope'"),
+        ("train.lr=abc", "train.lr"),
+        ("train.lr=-1", "train.lr"),
+        ("train.lr=0", "train.lr"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("train.epochs=true", "train.epochs"),
+        ("train.precision=fp8", "train.precision"),
+        ("model.stem=vgg", "model.stem"),
+        ("data.erasing=1.5", "data.erasing"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.lr=null", "train.lr"),
+        ("train=3", "'train'"),
+        ("train.lr.x=1", "train.lr"),
+        ("justtext", "KEY=VALUE"),
+        ("train.nesterov=true", "train.nesterov"),
+        ("checkpoint.resume=/no/such/file.pt", "checkpoint.resume"),
+        ("data.mirror=/no/such/dir", "data.mirror"),
+    ],
+)
 def test_each_bad_value_names_its_key(override, words):
     with pytest.raises(ConfigError) as e:
         config.load(None, [override], world_size=1)
@@ -98,8 +102,14 @@ def test_seed_config_is_the_original_recipe():
 
 
 def test_cli_usage_error_exits_2_with_one_line_and_no_run_dir(tmp_path):
-    proc = subprocess.run([PY, "-m", "resnet_dist.train", f"run.dir={tmp_path / 'runs'}", "train.precision=fp8"],
-                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [PY, "-m", "resnet_dist.train", f"run.dir={tmp_path / 'runs'}", "train.precision=fp8"],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "train.precision" in proc.stderr
     assert not (tmp_path / "runs").exists()
@@ -107,16 +117,27 @@ def test_cli_usage_error_exits_2_with_one_line_and_no_run_dir(tmp_path):
 
 def test_cli_batch_not_divisible_under_a_launcher_env_exits_2(tmp_path):
     env = clean_env(WORLD_SIZE=3, RANK=0, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=1)
-    proc = subprocess.run([PY, "-m", "resnet_dist.train", f"run.dir={tmp_path / 'runs'}", "train.batch_size=256"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [PY, "-m", "resnet_dist.train", f"run.dir={tmp_path / 'runs'}", "train.batch_size=256"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "divisible" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
 def test_print_config_exits_0_without_training(tmp_path):
-    proc = subprocess.run([PY, "-m", "resnet_dist.train", "--print-config", "train.lr=0.2",
-                           f"run.dir={tmp_path / 'runs'}"],
-                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [PY, "-m", "resnet_dist.train", "--print-config", "train.lr=0.2", f"run.dir={tmp_path / 'runs'}"],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0
     assert yaml.safe_load(proc.stdout)["train"]["lr"] == 0.2
     assert not (tmp_path / "runs").exists()

@@ -23,6 +23,7 @@ def test_prepared_files_are_the_published_ones(data_root):
 
 def test_torchvision_reads_the_same_layout(data_root):
     from torchvision.datasets import FashionMNIST
+
     ds = FashionMNIST(str(data_root), train=False, download=False)
     x, y = data.load_split(data_root / "FashionMNIST" / "raw", "test")
     assert torch.equal(ds.data, x[:, 0]) and torch.equal(ds.targets, y)
@@ -66,8 +67,10 @@ def test_concurrent_prepare_leaves_one_intact_copy(tmp_path):
     mirror = _mirror_with(tmp_path, corrupt=False)
     ctx = mp.get_context("fork")
     barrier, out = ctx.Barrier(3), ctx.Queue()
-    procs = [ctx.Process(target=_prepare_worker, args=(str(tmp_path / "root"), str(mirror), barrier, out))
-             for _ in range(3)]
+    procs = [
+        ctx.Process(target=_prepare_worker, args=(str(tmp_path / "root"), str(mirror), barrier, out))
+        for _ in range(3)
+    ]
     for p in procs:
         p.start()
     results = [out.get(timeout=120) for _ in procs]
@@ -105,11 +108,15 @@ def test_train_shards_disjoint_covering_and_seeded(world):
     n, seed, epoch = 1000, 7, 3
     shards = []
     for rank in range(world):
-        s = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        s = DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
         s.set_epoch(epoch)
         shards.append(list(s))
     flat = [i for sh in shards for i in sh]
-    assert len(flat) == len(set(flat)) == (n // world) * world  # disjoint, equal sizes, drop_last drops < world
+    assert (
+        len(flat) == len(set(flat)) == (n // world) * world
+    )  # disjoint, equal sizes, drop_last drops < world
     again = DistributedSampler(range(n), num_replicas=world, rank=0, shuffle=True, seed=seed, drop_last=True)
     again.set_epoch(epoch)
     assert list(again) == shards[0]  # the same permutation for a seed and an epoch, in any process
@@ -155,7 +162,7 @@ def test_crop_is_a_shift_of_the_padded_image():
     fill = (0.0 - data.MEAN) / data.STD
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=fill)
     for i in range(2):  # each output is some 5x5 window of its own padded image
-        windows = [padded[i, 0, r:r + 5, c:c + 5] for r in range(5) for c in range(5)]
+        windows = [padded[i, 0, r : r + 5, c : c + 5] for r in range(5) for c in range(5)]
         assert any(torch.equal(out[i, 0], w) for w in windows)
 
 

@@ -1,5 +1,6 @@
 """Exact evaluation: the same numbers on 1, 2 and 3 ranks, in real gloo groups, and `python -m resnet_dist.evaluate`
 on a trained checkpoint."""
+
 import json
 
 import pytest
@@ -27,7 +28,9 @@ def test_same_accuracy_on_1_and_3_ranks(trained, data_root, tmp_path):
     ckpt = trained / "checkpoints" / "last.pt"
     one = run(evaluate_cmd(1) + ["--checkpoint", str(ckpt), f"data.root={data_root}"])
     assert one.returncode == 0, one.stderr
-    three = run(evaluate_cmd(3) + ["--checkpoint", str(ckpt), "--out", str(tmp_path), f"data.root={data_root}"])
+    three = run(
+        evaluate_cmd(3) + ["--checkpoint", str(ckpt), "--out", str(tmp_path), f"data.root={data_root}"]
+    )
     assert three.returncode == 0, three.stderr
     a, b = last_json(one.stdout), last_json(three.stdout)
     assert (a["world_size"], b["world_size"]) == (1, 3)
@@ -48,20 +51,35 @@ def test_same_accuracy_on_1_and_3_ranks(trained, data_root, tmp_path):
 
 
 def test_overrides_apply(trained, data_root):
-    proc = run(evaluate_cmd(1) + ["--checkpoint", str(trained / "checkpoints" / "last.pt"),
-                                  f"data.root={data_root}", "data.test_subset=300", "data.eval_batch_size=64"])
+    proc = run(
+        evaluate_cmd(1)
+        + [
+            "--checkpoint",
+            str(trained / "checkpoints" / "last.pt"),
+            f"data.root={data_root}",
+            "data.test_subset=300",
+            "data.eval_batch_size=64",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     assert last_json(proc.stdout)["test/samples"] == 300
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--checkpoint", "/no/such/file.pt"], "no checkpoint file"),
-    (["--checkpoint", "CKPT", "train.lrr=1"], "train.lrr"),
-    (["--checkpoint", "CONFIG"], "not a valid checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--checkpoint", "/no/such/file.pt"], "no checkpoint file"),
+        (["--checkpoint", "CKPT", "train.lrr=1"], "train.lrr"),
+        (["--checkpoint", "CONFIG"], "not a valid checkpoint"),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(trained, args, words):
-    args = [a.replace("CKPT", str(trained / "checkpoints" / "last.pt")).replace("CONFIG", str(trained / "config.yaml"))
-            for a in args]
+    args = [
+        a.replace("CKPT", str(trained / "checkpoints" / "last.pt")).replace(
+            "CONFIG", str(trained / "config.yaml")
+        )
+        for a in args
+    ]
     proc = run(evaluate_cmd(1) + args, timeout=60)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr, proc.stderr
@@ -108,5 +126,6 @@ def test_predict_normalizes_and_averages_the_mirror_with_flip_tta():
     cfg = load(None, [], world_size=1)
     assert torch.allclose(Evaluator.from_config(cfg, torch.device("cpu")).predict(model, images), plain)
     cfg.train.tta_flip = True
-    assert torch.allclose(Evaluator.from_config(cfg, torch.device("cpu")).predict(model, images),
-                          (plain + mirrored) / 2)
+    assert torch.allclose(
+        Evaluator.from_config(cfg, torch.device("cpu")).predict(model, images), (plain + mirrored) / 2
+    )

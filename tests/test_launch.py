@@ -2,6 +2,7 @@
 
 The SLURM side (sbatch, srun, requeue, torchrun inside an allocation) is in test_slurm.py.
 """
+
 import os
 import subprocess
 
@@ -20,14 +21,40 @@ def problems(env: dict, gpus: int = 0):
 
 
 # ---- the environment of each launcher, and of each mistake --------------------------------------
-SRUN = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_NTASKS": "4",
-        "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
-        "SLURM_STEP_NUM_NODES": "2", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n[1-2]"}
-TORCHRUN = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none"}
-BATCH_SHELL = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-               "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
-               "SLURM_JOB_NODELIST": "n[1-2]"}  # what sbatch's shell has (slurm 22.05, checked in test_slurm.py)
+SRUN = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1",
+    "SLURM_NTASKS": "4",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NUM_TASKS": "4",
+    "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+    "SLURM_STEP_NUM_NODES": "2",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_JOB_NODELIST": "n[1-2]",
+}
+TORCHRUN = {
+    "RANK": "1",
+    "LOCAL_RANK": "1",
+    "WORLD_SIZE": "2",
+    "LOCAL_WORLD_SIZE": "2",
+    "GROUP_WORLD_SIZE": "1",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29500",
+    "TORCHELASTIC_RUN_ID": "none",
+}
+BATCH_SHELL = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NTASKS": "4",
+    "SLURM_NTASKS_PER_NODE": "2",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_NNODES": "2",
+    "SLURM_JOB_NODELIST": "n[1-2]",
+}  # what sbatch's shell has (slurm 22.05, checked in test_slurm.py)
 
 
 def test_tasks_per_node():
@@ -37,7 +64,13 @@ def test_tasks_per_node():
 
 def test_srun_local_world_size_from_the_step():
     d = distributed.detect(SRUN)
-    assert (d["launcher"], d["rank"], d["local_rank"], d["local_world_size"], d["num_nodes"]) == ("srun", 3, 1, 2, 2)
+    assert (d["launcher"], d["rank"], d["local_rank"], d["local_world_size"], d["num_nodes"]) == (
+        "srun",
+        3,
+        1,
+        2,
+        2,
+    )
     assert problems(SRUN) == ([], [])
 
 
@@ -56,12 +89,20 @@ def test_special_step_ids_are_not_srun():
 FOUR_LOCAL = {**TORCHRUN, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
 
 
-@pytest.mark.parametrize("env, gpus, ok", [
-    (SRUN, 2, True), (SRUN, 1, True),  # 2 tasks on this node; one GPU each (--gpus-per-task=1) is fine
-    (TORCHRUN, 2, True), (TORCHRUN, 1, True),  # 2 local processes
-    (FOUR_LOCAL, 4, True), (FOUR_LOCAL, 2, False), (FOUR_LOCAL, 3, False), (FOUR_LOCAL, 1, True),
-    (TORCHRUN, 0, True),  # CPU: any number of processes
-])
+@pytest.mark.parametrize(
+    "env, gpus, ok",
+    [
+        (SRUN, 2, True),
+        (SRUN, 1, True),  # 2 tasks on this node; one GPU each (--gpus-per-task=1) is fine
+        (TORCHRUN, 2, True),
+        (TORCHRUN, 1, True),  # 2 local processes
+        (FOUR_LOCAL, 4, True),
+        (FOUR_LOCAL, 2, False),
+        (FOUR_LOCAL, 3, False),
+        (FOUR_LOCAL, 1, True),
+        (TORCHRUN, 0, True),  # CPU: any number of processes
+    ],
+)
 def test_more_local_processes_than_gpus(env, gpus, ok):
     errors, _ = problems(env, gpus)
     assert (errors == []) == ok
@@ -69,8 +110,10 @@ def test_more_local_processes_than_gpus(env, gpus, ok):
         assert len(errors) == 1 and f"4 processes on this node but only {gpus} GPUs are visible" in errors[0]
 
 
-@pytest.mark.parametrize("local_rank, gpus, want", [(0, 0, "cpu"), (3, 0, "cpu"), (3, 1, "cuda:0"), (0, 1, "cuda:0"),
-                                                    (2, 4, "cuda:2"), (0, 8, "cuda:0")])
+@pytest.mark.parametrize(
+    "local_rank, gpus, want",
+    [(0, 0, "cpu"), (3, 0, "cpu"), (3, 1, "cuda:0"), (0, 1, "cuda:0"), (2, 4, "cuda:2"), (0, 8, "cuda:0")],
+)
 def test_device_of_each_process(local_rank, gpus, want):
     assert str(distributed.device_for(local_rank, gpus)) == want
 
@@ -78,12 +121,17 @@ def test_device_of_each_process(local_rank, gpus, want):
 def test_processes_that_see_the_same_single_gpu_are_refused():
     """One visible GPU per task is fine when each task sees its own, not when they all see the same one."""
     import threading
+
     store = torch.distributed.HashStore()
     idents = ["n1 GPU-a", "n1 GPU-b", "n2 GPU-a", "n2 GPU-a"]
     got = {}
-    threads = [threading.Thread(target=lambda r: got.__setitem__(r, distributed.exchange(store, "gpu", r, 4,
-                                                                                        idents[r])), args=(r,))
-               for r in range(4)]
+    threads = [
+        threading.Thread(
+            target=lambda r: got.__setitem__(r, distributed.exchange(store, "gpu", r, 4, idents[r])),
+            args=(r,),
+        )
+        for r in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -94,12 +142,15 @@ def test_processes_that_see_the_same_single_gpu_are_refused():
     assert "ranks 2 and 3 both see only GPU GPU-a on n2" in clash and "--gpus-per-task=1" in clash
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK is not"),
-    ({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE is not"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}, "WORLD_SIZE=2 but MASTER_PORT is not set"),
-    ({"RANK": "0", "WORLD_SIZE": "2"}, "WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT is not set"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK is not"),
+        ({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE is not"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}, "WORLD_SIZE=2 but MASTER_PORT is not set"),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT is not set"),
+    ],
+)
 def test_hand_set_world_size_without_the_rest(env, message):
     errors, _ = problems(env)
     assert len(errors) == 1 and message in errors[0]
@@ -115,8 +166,15 @@ def test_srun_tasks_that_each_run_torchrun():
     errors, _ = problems({**SRUN, **TORCHRUN})
     assert len(errors) == 1 and "srun started 4 tasks that each run torchrun" in errors[0]
     # slurm/train_torchrun.sh: one agent per node, the agents form one job
-    per_node = {**SRUN, "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
-                **TORCHRUN, "GROUP_WORLD_SIZE": "2", "WORLD_SIZE": "4"}
+    per_node = {
+        **SRUN,
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+        **TORCHRUN,
+        "GROUP_WORLD_SIZE": "2",
+        "WORLD_SIZE": "4",
+    }
     assert problems(per_node) == ([], [])
 
 
@@ -132,8 +190,12 @@ def test_torchrun_in_the_batch_script_of_a_multi_node_job_warns():
 
 
 def test_accelerate_cpu_launcher_starting_one_process_warns():
-    env = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "29500"}
+    env = {
+        "ACCELERATE_USE_CPU": "True",
+        "ACCELERATE_MIXED_PRECISION": "no",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }
     errors, warnings = problems(env)
     assert errors == [] and len(warnings) == 1 and "started only this one" in warnings[0]
 
@@ -156,12 +218,17 @@ def test_more_tasks_than_gpus_is_one_line_and_exit_2(tmp_path, monkeypatch, caps
 
 
 def test_world_size_without_master_exits_2_at_once(tmp_path):
-    proc = run([PY, "-m", "resnet_dist.train", f"run.dir={tmp_path}", "run.name=x"], timeout=60,
-               RANK="0", WORLD_SIZE="2")
+    proc = run(
+        [PY, "-m", "resnet_dist.train", f"run.dir={tmp_path}", "run.name=x"],
+        timeout=60,
+        RANK="0",
+        WORLD_SIZE="2",
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "error: WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT is not set: every process needs rank 0's address "
-        "and port (torchrun, srun and accelerate launch set them)"]
+        "and port (torchrun, srun and accelerate launch set them)"
+    ]
     assert not (tmp_path / "x").exists()
 
 
@@ -178,10 +245,28 @@ def test_launch_torchrun_sh_two_cpu_processes(tmp_path, data_root):
 def test_two_torchrun_agents_form_one_job(tmp_path, data_root):
     """Two "nodes" on this machine: agents with node ranks 0 and 1, one process each, static rendezvous."""
     port = free_port()
-    cmd = ["bash", "launch/torchrun_multinode.sh", "--nnodes", "2", "--rdzv", f"127.0.0.1:{port}", "--nproc", "1"]
+    cmd = [
+        "bash",
+        "launch/torchrun_multinode.sh",
+        "--nnodes",
+        "2",
+        "--rdzv",
+        f"127.0.0.1:{port}",
+        "--nproc",
+        "1",
+    ]
     args = small_run(data_root, tmp_path, "mn", *TINY)
-    agents = [subprocess.Popen(cmd + ["--node-rank", str(r)] + args, cwd=REPO, env=clean_env(), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+    agents = [
+        subprocess.Popen(
+            cmd + ["--node-rank", str(r)] + args,
+            cwd=REPO,
+            env=clean_env(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for r in (0, 1)
+    ]
     outs = [a.communicate(timeout=240) for a in agents]
     assert [a.returncode for a in agents] == [0, 0], outs
     # each agent ran one process (LOCAL_RANK 0); only the one on node 0 is rank 0 and speaks
@@ -193,21 +278,48 @@ def test_two_torchrun_agents_form_one_job(tmp_path, data_root):
 
 def test_accelerate_launch_on_cpu_follows_mixed_precision(tmp_path, data_root):
     # --multi_gpu starts the processes with torchrun, also without GPUs (--cpu would start only one)
-    accelerate = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "bf16",
-                  "--dynamo_backend", "no", "-m", "resnet_dist.train"]
+    accelerate = [
+        PY,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "0",
+        "--mixed_precision",
+        "bf16",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "resnet_dist.train",
+    ]
     # bf16 backward on CPUs without native bf16 costs ~0.5 s per image: one step of 64 images
-    proc = run(accelerate + small_run(data_root, tmp_path, "acc", *TINY, "data.train_subset=64", "data.test_subset=100"))
+    proc = run(
+        accelerate
+        + small_run(data_root, tmp_path, "acc", *TINY, "data.train_subset=64", "data.test_subset=100")
+    )
     assert proc.returncode == 0, proc.stderr
-    assert "resnet_dist: launcher=accelerate world_size=2 nodes=1 backend=gloo device=cpu precision=bf16" in proc.stdout
+    assert (
+        "resnet_dist: launcher=accelerate world_size=2 nodes=1 backend=gloo device=cpu precision=bf16"
+        in proc.stdout
+    )
     ep = epochs(read_metrics(tmp_path / "acc"))
     assert [(r["world_size"], r["test/samples"]) for r in ep] == [(2, 100)]
 
 
-@pytest.mark.parametrize("name, processes, precision", [("accelerate_cpu.yaml", 2, "no"),
-                                                        ("accelerate_gpu.yaml", 4, "bf16")])
+@pytest.mark.parametrize(
+    "name, processes, precision", [("accelerate_cpu.yaml", 2, "no"), ("accelerate_gpu.yaml", 4, "bf16")]
+)
 def test_accelerate_config_files_load(name, processes, precision):
     from accelerate.commands.config.config_args import load_config_from_file
+
     cfg = load_config_from_file(str(REPO / "launch" / name))
-    assert (cfg.distributed_type, cfg.num_processes, cfg.mixed_precision, cfg.use_cpu) == \
-        ("MULTI_GPU", processes, precision, False)
+    assert (cfg.distributed_type, cfg.num_processes, cfg.mixed_precision, cfg.use_cpu) == (
+        "MULTI_GPU",
+        processes,
+        precision,
+        False,
+    )

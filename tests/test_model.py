@@ -23,9 +23,12 @@ def test_parameter_count(stem):
 def test_parameter_count_from_the_architecture():
     def conv(i, o, k):
         return i * o * k * k + o
+
     bn = lambda c: 2 * c  # noqa: E731
+
     def residual(i, o, proj):
         return conv(i, o, 3) + conv(o, o, 3) + 2 * bn(o) + (conv(i, o, 1) if proj else 0)
+
     stages = 2 * residual(64, 64, False)
     for i, o in ((64, 128), (128, 256), (256, 512)):
         stages += residual(i, o, True) + residual(o, o, False)
@@ -56,8 +59,9 @@ def test_compile_needs_a_compiler_and_the_python_headers(tmp_path):
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert "no C compiler" in compile_unavailable(gpu, which=lambda name: None)
     assert "no C++ compiler" in compile_unavailable(cpu, which=lambda name: None)
-    assert "no Python headers" in compile_unavailable(cpu, which=lambda name: "/usr/bin/" + name,
-                                                       include_dir=str(tmp_path))
+    assert "no Python headers" in compile_unavailable(
+        cpu, which=lambda name: "/usr/bin/" + name, include_dir=str(tmp_path)
+    )
     (tmp_path / "Python.h").write_text("")
     assert compile_unavailable(gpu, which=lambda name: "/usr/bin/" + name, include_dir=str(tmp_path)) is None
 

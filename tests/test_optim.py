@@ -1,5 +1,6 @@
 """optim.py, each part alone: precision choice, the SGD kernel, optimizer groups and state, LR schedules, EMA,
 the cuDNN settings."""
+
 import math
 
 import pytest
@@ -21,14 +22,17 @@ from resnet_dist.optim import (
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("requested, env, want", [
-    ("auto", {}, "fp32"),
-    ("auto", {"ACCELERATE_MIXED_PRECISION": "bf16"}, "bf16"),
-    ("auto", {"ACCELERATE_MIXED_PRECISION": "fp16"}, "fp16"),
-    ("auto", {"ACCELERATE_MIXED_PRECISION": "no"}, "fp32"),
-    ("bf16", {"ACCELERATE_MIXED_PRECISION": "fp16"}, "bf16"),  # an explicit choice wins
-    ("fp32", {}, "fp32"),
-])
+@pytest.mark.parametrize(
+    "requested, env, want",
+    [
+        ("auto", {}, "fp32"),
+        ("auto", {"ACCELERATE_MIXED_PRECISION": "bf16"}, "bf16"),
+        ("auto", {"ACCELERATE_MIXED_PRECISION": "fp16"}, "fp16"),
+        ("auto", {"ACCELERATE_MIXED_PRECISION": "no"}, "fp32"),
+        ("bf16", {"ACCELERATE_MIXED_PRECISION": "fp16"}, "bf16"),  # an explicit choice wins
+        ("fp32", {}, "fp32"),
+    ],
+)
 def test_resolve_precision_on_cpu(requested, env, want):
     assert resolve_precision(requested, CPU, env) == want
 
@@ -59,7 +63,9 @@ def test_no_weight_decay_on_batchnorm_and_biases():
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     bn = model[0][1]
-    assert any(p is bn.weight for p in no_decay["params"]) and any(p is model[-1].bias for p in no_decay["params"])
+    assert any(p is bn.weight for p in no_decay["params"]) and any(
+        p is model[-1].bias for p in no_decay["params"]
+    )
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
 
@@ -78,9 +84,16 @@ def test_ema_follows_the_weights_and_off_is_the_model_itself():
     assert NoEMA(model).module is model and NoEMA(model).state_dict() is None
 
 
-@pytest.mark.parametrize("device, precision, fused", [("cuda", "bf16", True), ("cuda", "fp32", True),
-                                                      ("cuda", "fp16", False), ("cpu", "fp32", False),
-                                                      ("cpu", "bf16", False)])
+@pytest.mark.parametrize(
+    "device, precision, fused",
+    [
+        ("cuda", "bf16", True),
+        ("cuda", "fp32", True),
+        ("cuda", "fp16", False),
+        ("cpu", "fp32", False),
+        ("cpu", "bf16", False),
+    ],
+)
 def test_fused_sgd_only_without_a_grad_scaler_on_gpus(device, precision, fused):
     """fp16's GradScaler skips overflowing steps, which leaves the fused kernel's momentum uninitialised."""
     impl = optimizer_impl(torch.device(device), precision)
@@ -98,11 +111,14 @@ def test_loaded_optimizer_state_keeps_this_devices_kernel():
     fresh = make_optimizer(model, TrainConfig(momentum=0.9), CPU, "fp32")
     load_optimizer_state(fresh, saved)
     assert [(g["fused"], g["foreach"]) for g in fresh.param_groups] == [(None, True)] * 2
-    assert torch.equal(fresh.state_dict()["state"][0]["momentum_buffer"], saved["state"][0]["momentum_buffer"])
+    assert torch.equal(
+        fresh.state_dict()["state"][0]["momentum_buffer"], saved["state"][0]["momentum_buffer"]
+    )
 
 
 def test_ema_update_matches_torchs_averaged_model_and_keeps_no_host_state():
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
     torch.manual_seed(0)
     model = build_model(ModelConfig())
     ours = EMA(model, decay=0.9)

@@ -1,4 +1,5 @@
 """PNG pictures without W&B: curves and confusion matrix at the end of a run, and on demand from a checkpoint."""
+
 import json
 import struct
 
@@ -21,9 +22,22 @@ def png_size(path) -> tuple[int, int]:
 
 
 def test_plots_from_records(tmp_path):
-    recs = [{"kind": "step", "step": 3, "epoch": 0, "train/loss": 2.0},
-            *({"kind": "epoch", "epoch": e, "step": 10 * (e + 1), "train/loss": 1 / (e + 1), "train/acc": 0.5 + e / 10,
-               "test/loss": 1.2 / (e + 1), "test/acc": 0.45 + e / 10, "test/samples": 100} for e in range(3))]
+    recs = [
+        {"kind": "step", "step": 3, "epoch": 0, "train/loss": 2.0},
+        *(
+            {
+                "kind": "epoch",
+                "epoch": e,
+                "step": 10 * (e + 1),
+                "train/loss": 1 / (e + 1),
+                "train/acc": 0.5 + e / 10,
+                "test/loss": 1.2 / (e + 1),
+                "test/acc": 0.45 + e / 10,
+                "test/samples": 100,
+            }
+            for e in range(3)
+        ),
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     conf = [[10 if i == j else 0 for j in range(10)] for i in range(10)]
     written = plots.write_run_plots(tmp_path, [{"epoch": 2, "confusion": conf}])
@@ -43,8 +57,18 @@ def test_end_of_run_pngs_and_confusion_counts(trained):
 
 
 def test_plots_on_demand_from_a_checkpoint(trained, tmp_path):
-    proc = run([PY, "-m", "resnet_dist.plots", "--checkpoint", str(trained / "checkpoints" / "last.pt"),
-                "--out", str(tmp_path)], timeout=120)
+    proc = run(
+        [
+            PY,
+            "-m",
+            "resnet_dist.plots",
+            "--checkpoint",
+            str(trained / "checkpoints" / "last.pt"),
+            "--out",
+            str(tmp_path),
+        ],
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion.png", "curves.png"]
     assert png_size(tmp_path / "curves.png") == png_size(trained / "curves.png")

@@ -1,4 +1,5 @@
 """Resume that loses nothing: real torchrun restarts, real signals, real killed processes."""
+
 import os
 import signal
 import subprocess
@@ -48,8 +49,12 @@ def worker_pid(tag: str, rank: int, timeout: float = 60) -> int:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if (f"TEST_TAG={tag}".encode() in env and f"RANK={rank}".encode() in env
-                    and b"resnet_dist.train" in cmd and b"torch.distributed.run" not in cmd):
+            if (
+                f"TEST_TAG={tag}".encode() in env
+                and f"RANK={rank}".encode() in env
+                and b"resnet_dist.train" in cmd
+                and b"torch.distributed.run" not in cmd
+            ):
                 return int(pid)
         time.sleep(0.05)
     raise AssertionError(f"no rank {rank} process found")
@@ -64,15 +69,19 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def launch(cmd, **env):
-    return subprocess.Popen(cmd, cwd=REPO, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_sigkilled_rank_restarts_and_matches_uninterrupted(tmp_path, data_root, reference):
     """No run.name: the restarted workers find their first attempt's directory by torchrun's run id."""
     tag = uuid.uuid4().hex
-    proc = launch(torchrun(2, "--max-restarts=1", "--monitor-interval=0.2", f"--rdzv-id={tag}")
-                  + small_run(data_root, tmp_path, "k", *RESUME, "run.name=null"), TEST_TAG=tag)
+    proc = launch(
+        torchrun(2, "--max-restarts=1", "--monitor-interval=0.2", f"--rdzv-id={tag}")
+        + small_run(data_root, tmp_path, "k", *RESUME, "run.name=null"),
+        TEST_TAG=tag,
+    )
     deadline = time.time() + 120
     while not list(tmp_path.glob("*/checkpoints/step-00000004.pt")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -124,7 +133,9 @@ def test_signals_checkpoint_exit_cleanly_and_restarts_match(tmp_path, data_root,
 def test_resume_on_another_world_size_keeps_the_global_batch(tmp_path, data_root):
     first = run(torchrun(2) + small_run(data_root, tmp_path, "w", *RESUME, "train.epochs=1"))
     assert first.returncode == 0, first.stderr
-    second = run([PY, "-m", "resnet_dist.train"] + small_run(data_root, tmp_path, "w", *RESUME, "train.epochs=2"))
+    second = run(
+        [PY, "-m", "resnet_dist.train"] + small_run(data_root, tmp_path, "w", *RESUME, "train.epochs=2")
+    )
     assert second.returncode == 0, second.stderr
     assert "resumed at step 8" in second.stdout
     ep = epochs(read_metrics(tmp_path / "w"))
@@ -138,8 +149,9 @@ def test_truncated_newest_checkpoint_falls_back_and_another_model_is_refused(tmp
     ckpts = tmp_path / "t" / "checkpoints"
     # saved at steps 3, 6 and 8 (epoch end); checkpoint.keep=2 keeps the newest two
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "step-00000006.pt", "step-00000008.pt"]
-    assert (ckpts / "last.pt").samefile(ckpts / "step-00000008.pt") or \
-        (ckpts / "last.pt").read_bytes() == (ckpts / "step-00000008.pt").read_bytes()
+    assert (ckpts / "last.pt").samefile(ckpts / "step-00000008.pt") or (ckpts / "last.pt").read_bytes() == (
+        ckpts / "step-00000008.pt"
+    ).read_bytes()
     newest = ckpts / "step-00000008.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
 
@@ -158,8 +170,18 @@ def test_truncated_newest_checkpoint_falls_back_and_another_model_is_refused(tmp
 def test_killed_peer_makes_the_survivor_fail_within_the_timeout(tmp_path, data_root):
     port, tag = free_port(), uuid.uuid4().hex
     args = small_run(data_root, tmp_path, "p", "train.epochs=50", "dist.timeout_s=20")
-    procs = [launch([PY, "-m", "resnet_dist.train", *args], RANK=r, LOCAL_RANK=r, WORLD_SIZE=2,
-                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, TEST_TAG=tag) for r in (0, 1)]
+    procs = [
+        launch(
+            [PY, "-m", "resnet_dist.train", *args],
+            RANK=r,
+            LOCAL_RANK=r,
+            WORLD_SIZE=2,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            TEST_TAG=tag,
+        )
+        for r in (0, 1)
+    ]
     wait_for(tmp_path / "p" / "checkpoints" / "last.pt", procs[0])
     procs[1].kill()
     t0 = time.time()
@@ -169,5 +191,3 @@ def test_killed_peer_makes_the_survivor_fail_within_the_timeout(tmp_path, data_r
     last = [line for line in err.splitlines() if line.strip()][-1]
     assert "another rank died" in last, err[-2000:]
     procs[1].communicate()
-
-

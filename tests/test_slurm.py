@@ -4,6 +4,7 @@ and what the batch shell and a mixed-up torchrun look like from inside a real al
 
 Run only these with `pytest -m slurm` (they need root; elsewhere they skip with the reason).
 """
+
 import re
 from pathlib import Path
 
@@ -29,8 +30,9 @@ def job_args(data_root, run_dir, *overrides):
 
 def submit(cluster, tmp_path, script, *sbatch_args, train_args=(), **env) -> str:
     env = clean_env(PYTHON=PY, CONFIG="configs/cpu.yaml", **env)
-    return cluster.sbatch(*CPU, f"--output={tmp_path}/%x-%j.out", *sbatch_args, script, *train_args,
-                          env=env, cwd=REPO)
+    return cluster.sbatch(
+        *CPU, f"--output={tmp_path}/%x-%j.out", *sbatch_args, script, *train_args, env=env, cwd=REPO
+    )
 
 
 def log_of(tmp_path, job) -> str:
@@ -78,8 +80,14 @@ srun "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node=1 -m resne
     for rank in (0, 1):
         step = read_env(f"step.{rank}.env")
         d = distributed.detect(step)
-        assert (d["launcher"], d["rank"], d["world_size"], d["local_rank"], d["local_world_size"], d["num_nodes"]) == \
-            ("srun", rank, 2, 0, 1, 2)
+        assert (
+            d["launcher"],
+            d["rank"],
+            d["world_size"],
+            d["local_rank"],
+            d["local_world_size"],
+            d["num_nodes"],
+        ) == ("srun", rank, 2, 0, 1, 2)
         assert d["master_addr"] == "node1" and distributed.check_launch(d, step) == ([], [])
 
     alone = (out / "alone.log").read_text()
@@ -91,8 +99,14 @@ srun "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node=1 -m resne
 
 
 def test_sbatch_one_node_two_tasks(slurm_cluster, tmp_path, data_root):
-    job = submit(slurm_cluster, tmp_path, "slurm/train.sh", "--nodes=1", "--ntasks-per-node=2",
-                 train_args=job_args(data_root, tmp_path))
+    job = submit(
+        slurm_cluster,
+        tmp_path,
+        "slurm/train.sh",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        train_args=job_args(data_root, tmp_path),
+    )
     info, log = finish(slurm_cluster, tmp_path, job)
     assert info["NumNodes"] == "1" and info["NumTasks"] == "2"
     assert log.count("resnet_dist: launcher=srun world_size=2 nodes=1 backend=gloo") == 1, log
@@ -100,8 +114,14 @@ def test_sbatch_one_node_two_tasks(slurm_cluster, tmp_path, data_root):
 
 
 def test_sbatch_two_nodes_one_task_each(slurm_cluster, tmp_path, data_root):
-    job = submit(slurm_cluster, tmp_path, "slurm/train.sh", "--nodes=2", "--ntasks-per-node=1",
-                 train_args=job_args(data_root, tmp_path))
+    job = submit(
+        slurm_cluster,
+        tmp_path,
+        "slurm/train.sh",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        train_args=job_args(data_root, tmp_path),
+    )
     info, log = finish(slurm_cluster, tmp_path, job)
     assert info["NodeList"] == "node[1-2]"
     assert log.count("resnet_dist: launcher=srun world_size=2 nodes=2 backend=gloo") == 1, log
@@ -109,8 +129,13 @@ def test_sbatch_two_nodes_one_task_each(slurm_cluster, tmp_path, data_root):
 
 
 def test_sbatch_torchrun_two_nodes(slurm_cluster, tmp_path, data_root):
-    job = submit(slurm_cluster, tmp_path, "slurm/train_torchrun.sh", "--nodes=2",
-                 train_args=job_args(data_root, tmp_path))
+    job = submit(
+        slurm_cluster,
+        tmp_path,
+        "slurm/train_torchrun.sh",
+        "--nodes=2",
+        train_args=job_args(data_root, tmp_path),
+    )
     info, log = finish(slurm_cluster, tmp_path, job)
     assert info["NodeList"] == "node[1-2]"
     assert f"rendezvous node1:{20000 + int(job) % 20000}" in log
@@ -121,12 +146,24 @@ def test_sbatch_torchrun_two_nodes(slurm_cluster, tmp_path, data_root):
 def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path, data_root):
     """USR1 mid-training (what --signal=USR1@120 sends before the time limit): the ranks checkpoint, rank 0
     requeues the job, the job starts again with the same id, resumes in the same run directory, completes."""
-    job = submit(slurm_cluster, tmp_path, "slurm/train.sh", "--nodes=1", "--ntasks-per-node=2",
-                 train_args=job_args(data_root, tmp_path, "data.train_subset=512", "train.epochs=2",
-                                     "log.every_steps=1"))
+    job = submit(
+        slurm_cluster,
+        tmp_path,
+        "slurm/train.sh",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        train_args=job_args(
+            data_root, tmp_path, "data.train_subset=512", "train.epochs=2", "log.every_steps=1"
+        ),
+    )
     metrics = tmp_path / job / "metrics.jsonl"
-    slurm_cluster.wait(job, 120, until=lambda j: j.get("JobState") in TERMINAL or
-                       (metrics.exists() and '"kind": "step"' in metrics.read_text()))
+    slurm_cluster.wait(
+        job,
+        120,
+        until=lambda j: (
+            j.get("JobState") in TERMINAL or (metrics.exists() and '"kind": "step"' in metrics.read_text())
+        ),
+    )
     slurm_cluster.run("scancel", "--signal=USR1", job)
     info, log = finish(slurm_cluster, tmp_path, job, timeout=240)
     assert info["Restarts"] == "1", log

@@ -1,4 +1,5 @@
 """The real program, end to end: a single process and torchrun with 2 gloo ranks on real data."""
+
 import json
 
 import torch
@@ -8,8 +9,17 @@ from resnet_dist.evaluate import CLASS_KEYS
 
 from .helpers import PY, epochs, read_metrics, run, small_run, torchrun
 
-EPOCH_KEYS = {"epoch", "step", "world_size", "train/loss", "train/acc", "test/loss", "test/acc", "test/samples",
-              "images_per_s"}
+EPOCH_KEYS = {
+    "epoch",
+    "step",
+    "world_size",
+    "train/loss",
+    "train/acc",
+    "test/loss",
+    "test/acc",
+    "test/samples",
+    "images_per_s",
+}
 
 
 def check_run(run_path, world_size, n_epochs=2, test_samples=999):
@@ -21,7 +31,9 @@ def check_run(run_path, world_size, n_epochs=2, test_samples=999):
         assert r["world_size"] == world_size and r["test/samples"] == test_samples
         assert 0 <= r["test/acc"] <= 1 and r["images_per_s"] > 0
     steps = [r["step"] for r in recs]
-    assert steps == sorted(steps) and len(steps) == len(set(s for s in steps)) + len(ep)  # epoch rows repeat a step
+    assert steps == sorted(steps) and len(steps) == len(set(s for s in steps)) + len(
+        ep
+    )  # epoch rows repeat a step
     assert (run_path / "config.yaml").is_file() and (run_path / "checkpoints" / "last.pt").is_file()
     return ep
 
@@ -31,8 +43,10 @@ def test_single_process_run(tmp_path, data_root):
     assert proc.returncode == 0, proc.stderr
     assert "launcher=none world_size=1" in proc.stdout
     assert "it/s" not in proc.stdout + proc.stderr  # not a terminal: plain lines, no progress bar
-    assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("epoch ")] == ["epoch 1 step 8",
-                                                                                          "epoch 2 step 16"]
+    assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("epoch ")] == [
+        "epoch 1 step 8",
+        "epoch 2 step 16",
+    ]
     ep = check_run(tmp_path / "one", world_size=1)
     assert ep[-1]["step"] == 2 * 512 // 64
 
@@ -43,24 +57,46 @@ def test_torchrun_two_ranks(tmp_path, data_root):
     assert proc.stdout.count("resnet_dist: launcher=torchrun world_size=2") == 1  # only rank 0 speaks
     assert proc.stdout.count("epoch 2 step") == 1
     check_run(tmp_path / "two", world_size=2)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoints", "config.yaml", "confusion.png", "curves.png", "metrics.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "checkpoints",
+        "config.yaml",
+        "confusion.png",
+        "curves.png",
+        "metrics.jsonl",
+    ]
 
 
 def test_fast_path_options_train_under_torchrun(tmp_path, data_root):
     """EMA, flip TTA, a small DDP bucket and the bf16 gradient-compression hook, with 2 gloo ranks."""
-    proc = run(torchrun(2) + small_run(data_root, tmp_path, "fast", "train.epochs=1", "train.ema_decay=0.9",
-                                       "train.tta_flip=true", "dist.bucket_mb=1", "dist.grad_compression=bf16",
-                                       "train.momentum=0.9"))
+    proc = run(
+        torchrun(2)
+        + small_run(
+            data_root,
+            tmp_path,
+            "fast",
+            "train.epochs=1",
+            "train.ema_decay=0.9",
+            "train.tta_flip=true",
+            "dist.bucket_mb=1",
+            "dist.grad_compression=bf16",
+            "train.momentum=0.9",
+        )
+    )
     assert proc.returncode == 0, proc.stderr
     ep = check_run(tmp_path / "fast", world_size=2, n_epochs=1)
     state = checkpoint.load(tmp_path / "fast" / "checkpoints" / "last.pt")
     assert state["ema"] is not None and int(state["ema"]["n_averaged"]) == ep[0]["step"]
-    assert any(not torch.equal(v, state["model"][k]) for k, v in state["ema"]["weights"].items()
-               if v.is_floating_point())
+    assert any(
+        not torch.equal(v, state["model"][k])
+        for k, v in state["ema"]["weights"].items()
+        if v.is_floating_point()
+    )
     # what training logged is what `evaluate` computes from the checkpoint on the same ranks: every rank
     # evaluated with rank 0's BatchNorm statistics (each rank's drift apart), the ones the checkpoint holds
-    proc = run(torchrun(2, module="resnet_dist.evaluate") + ["--checkpoint", str(tmp_path / "fast" / "checkpoints" /
-                                                                              "last.pt"), f"data.root={data_root}"])
+    proc = run(
+        torchrun(2, module="resnet_dist.evaluate")
+        + ["--checkpoint", str(tmp_path / "fast" / "checkpoints" / "last.pt"), f"data.root={data_root}"]
+    )
     assert proc.returncode == 0, proc.stderr
     evaluated = json.loads(proc.stdout.strip().splitlines()[-1])
     for k in ("test/acc", "test/loss", *(f"test/acc/{c}" for c in CLASS_KEYS)):
@@ -73,10 +109,17 @@ def test_progress_bar_on_a_terminal(tmp_path, data_root):
     import subprocess
 
     from .helpers import REPO, clean_env
-    args = [PY, "-m", "resnet_dist.train", *small_run(data_root, tmp_path, "tty", "train.epochs=1",
-                                                       "data.train_subset=256")]
+
+    args = [
+        PY,
+        "-m",
+        "resnet_dist.train",
+        *small_run(data_root, tmp_path, "tty", "train.epochs=1", "data.train_subset=256"),
+    ]
     master, slave = pty.openpty()
-    proc = subprocess.Popen(args, cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave
+    )
     os.close(slave)
     chunks = []
     while True:
@@ -98,6 +141,7 @@ def test_progress_bar_on_a_terminal(tmp_path, data_root):
 def test_run_names(tmp_path):
     from resnet_dist import config
     from resnet_dist.train import TORCHRUN_MARK, run_name
+
     cfg = config.load(None, [f"run.dir={tmp_path}"], world_size=1)
     assert run_name(config.load(None, ["run.name=mine"], world_size=1), {"SLURM_JOB_ID": "7"}) == "mine"
     assert run_name(cfg, {"SLURM_JOB_ID": "4242"}) == "4242"  # a requeued job finds its directory
@@ -114,6 +158,7 @@ def test_run_names(tmp_path):
 
 def test_small_per_rank_batch_warns_on_gpus_only():
     from resnet_dist.train import small_batch_warning
+
     assert small_batch_warning(torch.device("cpu"), 32, 2) is None
     assert small_batch_warning(torch.device("cuda"), 128, 4) is None
     assert "64 images per rank" in small_batch_warning(torch.device("cuda"), 64, 8)

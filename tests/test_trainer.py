@@ -16,7 +16,9 @@ from resnet_dist.trainer import Outcome, Trainer
 
 from .helpers import RESUME, in_gloo_group, small_run
 
-CPU_ENV = DistEnv(rank=0, local_rank=0, world_size=1, launcher="none", device=torch.device("cpu"), backend=None)
+CPU_ENV = DistEnv(
+    rank=0, local_rank=0, world_size=1, launcher="none", device=torch.device("cpu"), backend=None
+)
 
 
 def _tiny_trainer(data_root, run_dir, *overrides, meta=None):
@@ -47,9 +49,20 @@ def test_state_round_trip_of_every_part(tmp_path, data_root):
         a.global_step += 1
     saved = a.state_dict()
     assert not any(k.startswith("module.") for k in saved["model"])
-    assert {"model", "optimizer", "scheduler", "scaler", "progress", "rng", "config", "world_size",
-            "wandb_id"} <= saved.keys()
-    assert saved["scaler"]["scale"] == 2048.0 and saved["optimizer"]["state"]  # scaler grew once; momentum buffers
+    assert {
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "progress",
+        "rng",
+        "config",
+        "world_size",
+        "wandb_id",
+    } <= saved.keys()
+    assert (
+        saved["scaler"]["scale"] == 2048.0 and saved["optimizer"]["state"]
+    )  # scaler grew once; momentum buffers
     path = checkpoint.save(saved, tmp_path / "ck", a.global_step, keep=2)
     b = _tiny_trainer(data_root, tmp_path, "run.seed=5", meta={"wandb_id": "abc123"})  # all from the file
     b.load_state_dict(checkpoint.load(path))
@@ -70,9 +83,23 @@ def test_state_round_trip_of_every_part(tmp_path, data_root):
 
 def _trainer(data_root, run_dir, *overrides):
     """An in-process single-process trainer on 32 real images at 8x8 pixels: fp16 / bf16 on CPU are slow."""
-    cfg = load_config(None, small_run(data_root, run_dir, "x", "data.train_subset=32", "train.batch_size=8",
-                                      "data.resize=8", "data.test_subset=16", "train.momentum=0.9", "data.flip=true",
-                                      "data.erasing=0.5", *overrides), world_size=1)
+    cfg = load_config(
+        None,
+        small_run(
+            data_root,
+            run_dir,
+            "x",
+            "data.train_subset=32",
+            "train.batch_size=8",
+            "data.resize=8",
+            "data.test_subset=16",
+            "train.momentum=0.9",
+            "data.flip=true",
+            "data.erasing=0.5",
+            *overrides,
+        ),
+        world_size=1,
+    )
     return Trainer(cfg, CPU_ENV, load_splits(cfg.data, CPU_ENV.device), run_dir / "x")
 
 
@@ -120,7 +147,9 @@ def test_augmentation_stream_from_another_device_is_reseeded(tmp_path, data_root
     assert "saved on cuda and cannot be restored on cpu: reseeded from run.seed and step 1" in out
     c.load_state_dict(state)
     assert torch.equal(b.gen.get_state(), c.gen.get_state())  # deterministic: the same stream every time
-    assert [(g["fused"], g["foreach"]) for g in b.optimizer.param_groups] == [(None, True)] * 2  # this device's
+    assert [(g["fused"], g["foreach"]) for g in b.optimizer.param_groups] == [
+        (None, True)
+    ] * 2  # this device's
     _steps(b, 1)
     # an older checkpoint without the device key, but with a GPU's state: also reseeded
     del state["rng"][0]["augment_device"]
@@ -129,14 +158,25 @@ def test_augmentation_stream_from_another_device_is_reseeded(tmp_path, data_root
     assert torch.equal(d.gen.get_state(), c.gen.get_state())
 
 
-@pytest.mark.parametrize("overrides, saved_steps", [
-    (("checkpoint.every_epochs=2", "checkpoint.max_overhead=1"), [8, 16, 20]),  # epochs 2 and 4, and the last one
-    (("checkpoint.max_overhead=0.0001",), [4, 20]),  # the first epoch (nothing measured yet), then only the last
-])
+@pytest.mark.parametrize(
+    "overrides, saved_steps",
+    [
+        (
+            ("checkpoint.every_epochs=2", "checkpoint.max_overhead=1"),
+            [8, 16, 20],
+        ),  # epochs 2 and 4, and the last one
+        (
+            ("checkpoint.max_overhead=0.0001",),
+            [4, 20],
+        ),  # the first epoch (nothing measured yet), then only the last
+    ],
+)
 def test_epoch_end_checkpoint_cadence(tmp_path, data_root, overrides, saved_steps):
     trainer = _trainer(data_root, tmp_path, "train.epochs=5", "checkpoint.keep=10", *overrides)
     assert trainer.fit() is Outcome.DONE
-    assert [int(p.name[5:13]) for p in reversed(checkpoint.step_files(tmp_path / "x" / "checkpoints"))] == saved_steps
+    assert [
+        int(p.name[5:13]) for p in reversed(checkpoint.step_files(tmp_path / "x" / "checkpoints"))
+    ] == saved_steps
 
 
 def test_compile_without_a_compiler_trains_eagerly_with_one_warning(tmp_path, data_root, monkeypatch, capsys):
@@ -144,15 +184,21 @@ def test_compile_without_a_compiler_trains_eagerly_with_one_warning(tmp_path, da
     monkeypatch.delenv("CXX", raising=False)
     trainer = _trainer(data_root, tmp_path, "train.compile=true")
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("warning: train.compile=true needs a compiler toolchain, but there "
-                                               "is no C++ compiler"), err
+    assert len(err) == 1 and err[0].startswith(
+        "warning: train.compile=true needs a compiler toolchain, but there is no C++ compiler"
+    ), err
     assert trainer.train_model is trainer.model  # not compiled
     _steps(trainer, 1)
 
 
 def _gradient_ops_of_a_ddp_step(env, data_root, run_dir):
-    cfg = load_config(None, small_run(data_root, run_dir, "g", "data.train_subset=64", "train.batch_size=16",
-                                      "train.momentum=0.9"), world_size=2)
+    cfg = load_config(
+        None,
+        small_run(
+            data_root, run_dir, "g", "data.train_subset=64", "train.batch_size=16", "train.momentum=0.9"
+        ),
+        world_size=2,
+    )
     trainer = Trainer(cfg, env, load_splits(cfg.data, env.device))
     it = trainer.batches.epoch(0, trainer.gen)
     for _ in range(2):  # DDP rebuilds its buckets after the first step
@@ -196,8 +242,16 @@ class Recorder(NullLogger):
             self.preemption.received = True
 
 
-SYNTH = ("data.train_subset=null", "data.test_subset=null", "train.batch_size=16", "train.epochs=2",
-         "log.every_steps=1", "data.eval_batch_size=16", "train.momentum=0.9", "train.lr=0.05")
+SYNTH = (
+    "data.train_subset=null",
+    "data.test_subset=null",
+    "train.batch_size=16",
+    "train.epochs=2",
+    "log.every_steps=1",
+    "data.eval_batch_size=16",
+    "train.momentum=0.9",
+    "train.lr=0.05",
+)
 
 
 def test_fit_in_process_on_synthetic_tensors(tmp_path):
@@ -211,8 +265,10 @@ def test_fit_in_process_on_synthetic_tensors(tmp_path):
     assert [(r["epoch"], r["step"], r["test/samples"]) for r in ep] == [(0, 4, 40), (1, 8, 40)]
     assert [m.epoch for m in log.media] == [0, 1] and sum(map(sum, log.media[-1].confusion)) == 40
     assert log.media[-1].misclassified == []  # no logger asked for images: no inference spent on them
-    assert [p.name for p in checkpoint.step_files(tmp_path / "s" / "checkpoints")] == ["step-00000008.pt",
-                                                                                        "step-00000004.pt"]
+    assert [p.name for p in checkpoint.step_files(tmp_path / "s" / "checkpoints")] == [
+        "step-00000008.pt",
+        "step-00000004.pt",
+    ]
     assert set(trainer.time_split()) == {"train", "eval", "save"}
 
 
@@ -227,7 +283,9 @@ def test_signal_in_process_stops_at_the_next_step_with_a_checkpoint(tmp_path):
 
 
 def _fit_with_a_signal_on_rank_1(env, run_dir):
-    cfg = load_config(None, [f"run.dir={run_dir}", *SYNTH], world_size=2)  # 8 images per rank, 4 steps per epoch
+    cfg = load_config(
+        None, [f"run.dir={run_dir}", *SYNTH], world_size=2
+    )  # 8 images per rank, 4 steps per epoch
     preemption = Preemption(env)
     log = Recorder(preemption if env.rank == 1 else None, at_step=2)  # rank 1 alone gets the signal
     trainer = Trainer(cfg, env, synthetic(), run_dir / "s" if env.is_main else None, log, preemption)

@@ -1,4 +1,5 @@
 """W&B on rank 0, read back from the `.wandb` files: one run per job, continued on resume, never fatal, no key leaks."""
+
 import json
 import shutil
 
@@ -21,7 +22,10 @@ def test_mode_resolution(tmp_path):
     netrc = tmp_path / "netrc"
     netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_KEY}\n")
     assert wandb_logger.resolve_mode("auto", {"NETRC": str(netrc)}) == "online"
-    assert wandb_logger.resolve_mode("auto", {"NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.example"}) == "offline"
+    assert (
+        wandb_logger.resolve_mode("auto", {"NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.example"})
+        == "offline"
+    )
     assert wandb_logger.resolve_mode("online", {"WANDB_MODE": "offline"}) == "offline"  # the environment wins
     assert wandb_logger.resolve_mode("offline", {"WANDB_MODE": "disabled"}) == "disabled"
     assert wandb_logger.resolve_mode("disabled", {}) == "disabled"
@@ -30,7 +34,9 @@ def test_mode_resolution(tmp_path):
 
 
 def test_wandb_config_keys():
-    cfg = config.load(None, ["log.wandb.tags=[baseline, 42]", "log.wandb.group=g", "log.wandb.name=n"], world_size=1)
+    cfg = config.load(
+        None, ["log.wandb.tags=[baseline, 42]", "log.wandb.group=g", "log.wandb.name=n"], world_size=1
+    )
     assert cfg.log.wandb.tags == ["baseline", "42"] and cfg.log.wandb.mode == "auto"
     assert (cfg.log.wandb.group, cfg.log.wandb.name) == ("g", "n")
     for bad in ("log.wandb.tags=solo", "log.wandb.tags=[[1]]", "log.wandb.mode=cloud"):
@@ -46,8 +52,10 @@ def epoch_rows(history):
 def offline_two_ranks(tmp_path_factory, data_root):
     """One epoch on 2 ranks, W&B offline."""
     base = tmp_path_factory.mktemp("wandb")
-    proc = run(torchrun(2) + small_run(data_root, base, "wb", "train.epochs=1", "log.wandb.tags=[ci]"),
-               WANDB_MODE="offline")
+    proc = run(
+        torchrun(2) + small_run(data_root, base, "wb", "train.epochs=1", "log.wandb.tags=[ci]"),
+        WANDB_MODE="offline",
+    )
     assert proc.returncode == 0, proc.stderr
     return base / "wb", proc
 
@@ -79,10 +87,14 @@ def test_two_ranks_offline_is_one_run_matching_metrics_jsonl(offline_two_ranks):
     # the confusion-matrix chart's table holds the epoch's confusion matrix
     table = json.loads((files[0].parent / "files" / row["test/confusion_table"]["path"]).read_text())
     assert len(table["data"]) == 100 and sum(n for _, _, n in table["data"]) == 999
-    assert [[n for _, _, n in table["data"][i * 10:(i + 1) * 10]] for i in range(10)] == ckpt["history"][-1]["confusion"]
+    assert [[n for _, _, n in table["data"][i * 10 : (i + 1) * 10]] for i in range(10)] == ckpt["history"][
+        -1
+    ]["confusion"]
     # the misclassified panel: images with their true and predicted labels
     panel = row["test/misclassified"]
-    assert 0 < panel["count"] <= 16 and all(c.startswith("true: ") and " / predicted: " in c for c in panel["captions"])
+    assert 0 < panel["count"] <= 16 and all(
+        c.startswith("true: ") and " / predicted: " in c for c in panel["captions"]
+    )
     assert all((files[0].parent / "files" / f).is_file() for f in panel["filenames"])
 
 
@@ -90,14 +102,22 @@ def test_resumed_run_continues_the_same_wandb_run(offline_two_ranks, tmp_path, d
     """Epoch 2 after a restart (here on 1 rank): the same W&B id, steps going on from the checkpoint's."""
     first, _ = offline_two_ranks
     shutil.copytree(first, tmp_path / "wb", symlinks=True)
-    proc = run([PY, "-m", "resnet_dist.train", *small_run(data_root, tmp_path, "wb", "train.epochs=2")],
-               WANDB_MODE="offline")
+    proc = run(
+        [PY, "-m", "resnet_dist.train", *small_run(data_root, tmp_path, "wb", "train.epochs=2")],
+        WANDB_MODE="offline",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "resumed at step 8" in proc.stdout
     files = wandb_files(tmp_path / "wb")
-    assert len(files) == 2  # offline, each process writes its own file of the same run: `wandb sync` joins them
+    assert (
+        len(files) == 2
+    )  # offline, each process writes its own file of the same run: `wandb sync` joins them
     old, new = read_run(files[0]), read_run(files[1])
-    assert old.id == new.id == torch.load(tmp_path / "wb" / "checkpoints" / "last.pt", weights_only=True)["wandb_id"]
+    assert (
+        old.id
+        == new.id
+        == torch.load(tmp_path / "wb" / "checkpoints" / "last.pt", weights_only=True)["wandb_id"]
+    )
     old_steps, new_steps = [h["_step"] for h in old.history], [h["_step"] for h in new.history]
     assert min(new_steps) > max(old_steps) == 8 and new_steps == sorted(new_steps) and max(new_steps) == 16
     ep = epochs(read_metrics(tmp_path / "wb"))
@@ -114,11 +134,17 @@ def scan_for_key(paths, key=FAKE_KEY):
 
 
 def test_online_without_a_server_trains_on_with_one_warning(tmp_path, data_root):
-    proc = run([PY, "-m", "resnet_dist.train", *small_run(data_root, tmp_path, "online", "train.epochs=1")],
-               WANDB_MODE="online", WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}")
+    proc = run(
+        [PY, "-m", "resnet_dist.train", *small_run(data_root, tmp_path, "online", "train.epochs=1")],
+        WANDB_MODE="online",
+        WANDB_API_KEY=FAKE_KEY,
+        WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "finished:" in proc.stdout
-    warnings = [line for line in proc.stderr.splitlines() if "warning" in line.lower() or "error" in line.lower()]
+    warnings = [
+        line for line in proc.stderr.splitlines() if "warning" in line.lower() or "error" in line.lower()
+    ]
     assert len(warnings) == 1 and "logging offline" in warnings[0], proc.stderr
     assert FAKE_KEY not in proc.stdout + proc.stderr
     run_path = tmp_path / "online"
@@ -141,8 +167,13 @@ lg.close()
 
 def test_wandb_init_failure_falls_back_to_offline_with_the_same_id(tmp_path):
     """wandb.init itself fails (server unreachable past init_timeout): one warning, an offline run, same id."""
-    proc = run([PY, "-c", FALLBACK, str(tmp_path)], WANDB_MODE="online", WANDB_API_KEY=FAKE_KEY,
-               WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}", timeout=120)
+    proc = run(
+        [PY, "-c", FALLBACK, str(tmp_path)],
+        WANDB_MODE="online",
+        WANDB_API_KEY=FAKE_KEY,
+        WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}",
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(warnings) == 1 and warnings[0].startswith("warning: W&B online logging failed"), proc.stderr

@@ -4,6 +4,7 @@ The file is a LevelDB-style log: a 7-byte header (`:W&B` + 3 bytes), then 32 KiB
 with a 7-byte header `<IHB` (crc32, length, type: 1 full, 2 first, 3 middle, 4 last piece); a block tail
 shorter than 7 bytes is padding. Each assembled payload is a `wandb_internal_pb2.Record`.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,11 +27,11 @@ def records(path: Path) -> list:
         if left < HEADER:  # padding at the end of a block
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if length == 0 and kind == 0:  # zero-filled (preallocated or padded) tail
             pos += left
             continue
-        payload = data[pos + HEADER:pos + HEADER + length]
+        payload = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == FULL:
             pieces = [payload]
@@ -54,6 +55,7 @@ def records(path: Path) -> list:
 @dataclass
 class WandbRun:
     """What one `.wandb` file holds: the run id, its config, and the history rows by step."""
+
     id: str = ""
     config: dict = field(default_factory=dict)
     history: list = field(default_factory=list)  # dicts with "_step" and the logged keys (values decoded)
