@@ -122,3 +122,28 @@ def set_rng_state(state: dict, gen: torch.Generator) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def check_model(state: dict, model_cfg: dict) -> None:
+    """Refuse a checkpoint of another model config (its weights would not fit, or mean something else)."""
+    if state["config"]["model"] != model_cfg:
+        raise CheckpointError(
+            f"checkpoint model config {state['config']['model']} differs from this run's "
+            f"{model_cfg}: refusing to load it"
+        )
+
+
+def restore_rng(rngs: list, rank: int, gen: torch.Generator, fresh_seed: int) -> str | None:
+    """Restore this rank's streams from a checkpoint's; a rank without one (added by a resize) or one saved
+    on another kind of device gets `fresh_seed`. Returns a note for rank 0 to print on a device change."""
+    if rank < len(rngs) and set_rng_state(rngs[rank], gen):
+        return None
+    gen.manual_seed(fresh_seed)
+    saved_on = rngs[0].get("augment_device", "cpu")
+    if saved_on == gen.device.type:
+        return None
+    return (
+        f"note: the checkpoint's augmentation random streams were saved on {saved_on} and cannot be "
+        f"restored on {gen.device.type}: reseeded from run.seed and the step (the run goes on, not "
+        "bit-identical to an uninterrupted one)"
+    )

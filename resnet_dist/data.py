@@ -236,6 +236,19 @@ class TrainBatches:
     seed: int
     cfg: object  # DataConfig
 
+    @classmethod
+    def for_rank(cls, data: Splits, cfg, rank: int, world_size: int) -> TrainBatches:
+        """This rank's share of each global batch of `cfg.train.batch_size` (`cfg` is the whole Config)."""
+        return cls(
+            data.train_x,
+            data.train_y,
+            cfg.train.batch_size // world_size,
+            rank,
+            world_size,
+            cfg.run.seed,
+            cfg.data,
+        )
+
     def __post_init__(self):
         self.sampler = DistributedSampler(
             range(len(self.labels)),

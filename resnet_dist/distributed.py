@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass(frozen=True)
@@ -358,6 +359,20 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def wrap_ddp(model: torch.nn.Module, env: DistEnv, bucket_mb: int, compression: str):
+    """The model under DDP (None for one process). gradient_as_bucket_view: the gradients live in DDP's
+    buckets, saving a copy per step; the bf16 hook all-reduces bf16 copies of them, half the bytes."""
+    if not env.distributed:
+        return None
+    ids = [env.device] if env.device.type == "cuda" else None
+    ddp = DDP(model, device_ids=ids, gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb)
+    if compression == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return ddp
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

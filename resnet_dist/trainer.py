@@ -14,24 +14,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint
+from . import checkpoint, optim
 from .config import Config
 from .data import Splits, TrainBatches, augment_seed
-from .distributed import DistEnv, NoPreemption, Preemption, broadcast_buffers, rank0_decides
+from .distributed import DistEnv, NoPreemption, Preemption, broadcast_buffers, rank0_decides, wrap_ddp
 from .evaluate import Evaluator
 from .metrics import EpochMedia, NullLogger, TrainMeter, progress_bar
 from .model import build_model, compiled, memory_format
-from .optim import (
-    autocast_for,
-    grad_scaler,
-    load_optimizer_state,
-    make_ema,
-    make_optimizer,
-    make_scheduler,
-    resolve_precision,
-)
 
 
 class Outcome(enum.Enum):
@@ -44,20 +34,18 @@ class Trainer:
     cfg: Config
     env: DistEnv
     model: nn.Module  # the plain module: what checkpoints hold and `evaluate` rebuilds
-    ddp: DDP | None  # the model under DDP; None in a single process
+    ddp: nn.Module | None  # the model under DDP; None in a single process
     train_model: nn.Module  # what a step calls: the DDP wrapper or the model, compiled or not
     # progress: the epoch and the step within it to run next, and the global step count
     epoch: int
     step_in_epoch: int
     global_step: int
-    # metrics
+    # metrics: the meter has the training loss, accuracy and time; these the evaluation and checkpoint time
     meter: TrainMeter
-    seconds: dict[
-        str, float
-    ]  # this process's evaluation and checkpoint time (the meter has the training time)
-    # run bookkeeping
-    history: list[dict]  # one confusion matrix per epoch (plots.py draws the last)
-    meta: dict  # saved with every checkpoint as it is (the W&B run id)
+    seconds: dict[str, float]
+    # run bookkeeping: one confusion matrix per epoch (plots.py draws the last); what every checkpoint carries
+    history: list[dict]
+    meta: dict
 
     def __init__(
         self,
@@ -70,46 +58,24 @@ class Trainer:
         meta: dict | None = None,
     ):
         self.cfg, self.env, self.data, self.run_dir = cfg, env, data, run_dir
-        self.logger = logger or NullLogger()
-        self.preemption = preemption or NoPreemption()
+        self.logger, self.preemption = logger or NullLogger(), preemption or NoPreemption()
         t, dev = cfg.train, env.device
-        torch.manual_seed(
-            cfg.run.seed
-        )  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        self.batches = TrainBatches(
-            data.train_x,
-            data.train_y,
-            t.batch_size // env.world_size,
-            env.rank,
-            env.world_size,
-            cfg.run.seed,
-            cfg.data,
-        )
+        # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        torch.manual_seed(cfg.run.seed)
+        self.batches = TrainBatches.for_rank(data, cfg, env.rank, env.world_size)
         self.gen = torch.Generator(device=dev).manual_seed(augment_seed(cfg.run.seed, env.rank))
         self.memory_format = memory_format(dev, t.channels_last)
         self.model = build_model(cfg.model).to(dev, memory_format=self.memory_format)
-        self.ddp = None
-        if env.distributed:
-            # gradient_as_bucket_view: gradients live in DDP's buckets, saving a copy per step
-            self.ddp = DDP(
-                self.model,
-                device_ids=[dev] if dev.type == "cuda" else None,
-                gradient_as_bucket_view=True,
-                bucket_cap_mb=cfg.dist.bucket_mb,
-            )
-            if cfg.dist.grad_compression == "bf16":  # all-reduce bf16 copies of the gradients: half the bytes
-                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-                self.ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        self.ddp = wrap_ddp(self.model, env, cfg.dist.bucket_mb, cfg.dist.grad_compression)
         self.train_model = self.ddp or self.model
         if t.compile:
             self.train_model = compiled(self.train_model, dev, warn=env.is_main)
-        self.ema = make_ema(self.model, t.ema_decay)
-        self.precision = resolve_precision(t.precision, dev)
-        self.autocast = autocast_for(self.precision, dev)
-        self.scaler = grad_scaler(self.precision, dev)
-        self.optimizer = make_optimizer(self.model, t, dev, self.precision)
-        self.scheduler = make_scheduler(self.optimizer, t, t.epochs * self.batches.steps_per_epoch)
+        self.ema = optim.make_ema(self.model, t.ema_decay)
+        self.precision = optim.resolve_precision(t.precision, dev)
+        self.autocast = optim.autocast_for(self.precision, dev)
+        self.scaler = optim.grad_scaler(self.precision, dev)
+        self.optimizer = optim.make_optimizer(self.model, t, dev, self.precision)
+        self.scheduler = optim.make_scheduler(self.optimizer, t, t.epochs * self.batches.steps_per_epoch)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.evaluator = Evaluator.from_config(cfg, dev)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -140,28 +106,20 @@ class Trainer:
         c, spe = self.cfg, self.batches.steps_per_epoch
         self.meter.start_clock()
         while self.epoch < c.train.epochs:
-            bar = progress_bar(
-                self.env.is_main,
-                c.log.progress,
-                spe,
-                f"epoch {self.epoch + 1}/{c.train.epochs}",
-                self.step_in_epoch,
-            )
+            title = f"epoch {self.epoch + 1}/{c.train.epochs}"
+            bar = progress_bar(self.env.is_main, c.log.progress, spe, title, self.step_in_epoch)
             for x, y in self.batches.epoch(self.epoch, self.gen, start_step=self.step_in_epoch):
                 self.train_step(x, y)
                 self.step_in_epoch += 1
                 self.global_step += 1
                 bar.update()
-                if self.global_step % c.log.every_steps == 0 or self.step_in_epoch == spe:
+                last = self.step_in_epoch == spe
+                if self.global_step % c.log.every_steps == 0 or last:
                     self.log_interval(bar)
-                if self.step_in_epoch < spe and self.preemption.agreed():
+                if not last and self.preemption.agreed():
                     bar.close()
                     return self.stop()
-                if (
-                    c.checkpoint.every_steps
-                    and self.global_step % c.checkpoint.every_steps == 0
-                    and self.step_in_epoch < spe
-                ):
+                if not last and c.checkpoint.every_steps and self.global_step % c.checkpoint.every_steps == 0:
                     with self.meter.paused():
                         self.save()
             bar.close()
@@ -175,15 +133,7 @@ class Trainer:
         interval = self.meter.flush()
         lr = self.scheduler.get_last_lr()[0]
         bar.set_postfix_str(f"loss {interval['train/loss']:.4f} lr {lr:.4g}")
-        record = {
-            "kind": "step",
-            "epoch": self.epoch,
-            "step": self.global_step,
-            "train/loss": interval["train/loss"],
-            "train/acc": interval["train/acc"],
-            "lr": lr,
-            "images_per_s": interval["images_per_s"],
-        }
+        record = {"kind": "step", "epoch": self.epoch, "step": self.global_step, **interval, "lr": lr}
         if self.env.device.type == "cuda":
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         self.logger.log(record)
@@ -191,17 +141,9 @@ class Trainer:
     def end_epoch(self) -> bool:
         """Evaluate, log the epoch, and save when the checkpoint cadence says so; True if it saved."""
         with self.meter.paused():
-            train = self.meter.end_epoch()
-            record = {
-                "kind": "epoch",
-                "epoch": self.epoch,
-                "step": self.global_step,
-                "world_size": self.env.world_size,
-                "train/loss": train["train/loss"],
-                "train/acc": train["train/acc"],
-                "lr": self.scheduler.get_last_lr()[0],
-                "images_per_s": train["images_per_s"],
-            }
+            record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step}
+            record.update(world_size=self.env.world_size, **self.meter.end_epoch())
+            record["lr"] = self.scheduler.get_last_lr()[0]
             start = time.perf_counter()
             result = self.evaluate()
             self.seconds["eval"] += time.perf_counter() - start
@@ -209,16 +151,11 @@ class Trainer:
             record.update(result)
             self.history.append({"epoch": self.epoch, "confusion": confusion})
             self.logger.log(record, self.media(confusion))
-            self.epoch += 1
-            self.step_in_epoch = 0
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
             if self.epoch_save_due():
                 self.save()
                 return True
         return False
-
-    def time_split(self) -> dict[str, float]:
-        """Seconds of this process spent training, evaluating and saving checkpoints."""
-        return {"train": self.meter.train_s, **self.seconds}
 
     def evaluate(self) -> dict:
         broadcast_buffers(self.ema.module)  # rank 0's BatchNorm statistics, the ones the checkpoint holds
@@ -231,13 +168,17 @@ class Trainer:
             errors = self.evaluator.misclassified(self.ema.module, self.data.test_x, self.data.test_y)
         return EpochMedia(self.epoch, confusion, errors)
 
+    def time_split(self) -> dict[str, float]:
+        """Seconds of this process spent training, evaluating and saving checkpoints."""
+        return {"train": self.meter.train_s, **self.seconds}
+
     def stop(self, saved: bool = False) -> Outcome:
         self.preemption.drain()
         if not saved:
             self.save()
         if self.env.is_main:
             print(
-                f"preempted: checkpoint saved at step {self.global_step}; the same command resumes from it",
+                f"preempted: checkpoint saved at step {self.global_step}; the same command resumes",
                 flush=True,
             )
         return Outcome.PREEMPTED
@@ -266,7 +207,8 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly (all ranks take part: it gathers RNG states)."""
-        meter = self.meter.state_dict()  # collective
+        progress = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
+        progress.update(sampler_seed=self.batches.sampler.seed, **self.meter.state_dict())  # collective
         rngs = [checkpoint.rng_state(self.gen)] * self.env.world_size
         if self.env.distributed:
             dist.all_gather_object(rngs, rngs[0])
@@ -276,13 +218,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "progress": {
-                "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step,
-                "sampler_seed": self.batches.sampler.seed,
-                **meter,
-            },
+            "progress": progress,
             "rng": rngs,
             "config": self.cfg.to_dict(),
             "world_size": self.env.world_size,
@@ -291,39 +227,21 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved_model = state["config"]["model"]
-        if saved_model != self.cfg.to_dict()["model"]:
-            raise checkpoint.CheckpointError(
-                f"checkpoint model config {saved_model} differs from this run's "
-                f"{self.cfg.to_dict()['model']}: refusing to load it"
-            )
+        checkpoint.check_model(state, self.cfg.to_dict()["model"])
         self.model.load_state_dict(state["model"])
         if state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        load_optimizer_state(self.optimizer, state["optimizer"])
+        optim.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if state[
-            "scaler"
-        ]:  # empty when the saving run had no GradScaler (bf16, fp32): fp16 starts a fresh one
+        if state["scaler"]:  # empty when the saving run had no GradScaler (bf16, fp32): fp16 starts afresh
             self.scaler.load_state_dict(state["scaler"])
-        p = state["progress"]  # counts global batches and sums over ranks: carries over to another world size
+        # progress counts global batches, the meter's sums are over all ranks: both carry over to any world size
+        p = state["progress"]
         self.epoch, self.step_in_epoch, self.global_step = p["epoch"], p["step_in_epoch"], p["global_step"]
-        self.batches.sampler.seed = p[
-            "sampler_seed"
-        ]  # the run's data order, even if run.seed was changed since
+        self.batches.sampler.seed = p["sampler_seed"]  # the run's data order, even if run.seed changed since
         self.meter.load_state_dict(p, self.env.is_main)
-        rngs = state["rng"]
-        restored = self.env.rank < len(rngs) and checkpoint.set_rng_state(rngs[self.env.rank], self.gen)
-        if (
-            not restored
-        ):  # a new rank after a resize, or a checkpoint from another kind of device: a fresh stream
-            self.gen.manual_seed(augment_seed(self.cfg.run.seed, self.env.rank, self.global_step))
-            saved_on = rngs[0].get("augment_device", "cpu")
-            if self.env.is_main and saved_on != self.gen.device.type:
-                print(
-                    f"note: the checkpoint's augmentation random streams were saved on {saved_on} and cannot be "
-                    f"restored on {self.gen.device.type}: reseeded from run.seed and step {self.global_step} (the "
-                    "run goes on, not bit-identical to an uninterrupted one)",
-                    flush=True,
-                )
+        fresh = augment_seed(self.cfg.run.seed, self.env.rank, self.global_step)
+        note = checkpoint.restore_rng(state["rng"], self.env.rank, self.gen, fresh)
+        if note and self.env.is_main:
+            print(note, flush=True)
         self.history = list(state.get("history", []))
