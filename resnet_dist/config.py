@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -239,8 +240,10 @@ def _parse_raw(raw: str, hint):
     text = raw.strip()
     if text in ("", "null", "~", "Null", "NULL"):
         return None
-    if hint is str or (typing.get_origin(hint) is typing.Union and str in typing.get_args(hint)):
-        return str(raw)  # str and Optional[str], not list[str]
+    if hint is str or (
+        typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint)
+    ):
+        return str(raw)  # str and str | None, not list[str]
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
