@@ -8,6 +8,7 @@ sees the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
@@ -26,9 +27,11 @@ class CheckpointError(RuntimeError):
 
 def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # in memory first: a failed write then raises the OSError itself (ENOSPC, EIO...),
+    try:  # where torch.save into the file would say only "unexpected pos"
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,10 +45,16 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def save(state: dict, ckpt_dir: Path, step: int, keep: int) -> Path:
-    """Write `state` as step-<step>.pt and last.pt; keep the newest `keep` step files."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    """Write `state` as step-<step>.pt and last.pt; keep the newest `keep` step files. A failed write (a full
+    disk) leaves the previous files as they were and raises CheckpointError in one line."""
     path = ckpt_dir / f"step-{step:08d}.pt"
-    atomic_save(state, path)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save(state, path)
+    except OSError as e:
+        previous = next((p.stem for p in step_files(ckpt_dir) if p != path), None)
+        kept = f"{previous} is kept" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write {path.stem}: {e.strerror or e}; {kept}") from None
     last_tmp = ckpt_dir / f".last.pt.tmp-{os.getpid()}"
     try:
         os.link(path, last_tmp)  # a second name for the same bytes, swapped in atomically
@@ -66,8 +75,17 @@ def step_files(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def finite(state: dict) -> bool:
+    """True when the model's (and the EMA's) floating-point tensors are all finite: not a diverged run."""
+    tensors = [t for t in state["model"].values() if t.is_floating_point()]
+    if state.get("ema"):
+        tensors += [t for t in state["ema"]["weights"].values() if t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
 def load(path: Path) -> dict:
-    """Load with `weights_only=True`: tensors and plain values only, so a crafted pickle cannot run code."""
+    """Load with `weights_only=True`: tensors and plain values only, so a crafted pickle cannot run code.
+    A file that is not a complete checkpoint, or whose weights are not finite, raises CheckpointError."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or unsafe all mean "not usable"
@@ -75,17 +93,34 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a valid checkpoint ({first[:200]})") from None
     if not isinstance(state, dict) or "model" not in state or "progress" not in state:
         raise CheckpointError(f"{path}: not a resnet_dist checkpoint")
+    if not finite(state):
+        raise CheckpointError(f"{path}: its weights are not finite (a diverged run): not usable")
     return state
 
 
 def load_newest(ckpt_dir: Path) -> tuple[dict, Path] | None:
-    """The newest checkpoint that loads; each unusable newer one is reported in one line and skipped."""
+    """The newest checkpoint that loads: the newest valid step file, or last.pt when it is newer (the step
+    files deleted by hand or by a cleanup). Each unusable file is reported in one line and skipped."""
+    found = None
     for path in step_files(ckpt_dir):
         try:
-            return load(path), path
+            found = (load(path), path)
+            break
         except CheckpointError as e:
             print(f"warning: {e}; trying the previous one", file=sys.stderr, flush=True)
-    return None
+    last = ckpt_dir / "last.pt"
+    if last.is_file() and not (found and last.samefile(found[1])):  # normally a second name of the newest
+        try:
+            state = load(last)
+            if found is None or state["progress"]["global_step"] > found[0]["progress"]["global_step"]:
+                found = (state, last)
+        except CheckpointError as e:
+            print(f"warning: {e}", file=sys.stderr, flush=True)
+    return found
+
+
+def any_checkpoint(ckpt_dir: Path) -> bool:
+    return bool(step_files(ckpt_dir)) or (ckpt_dir / "last.pt").is_file()
 
 
 def evaluated_weights(state: dict) -> dict:

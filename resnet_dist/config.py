@@ -7,6 +7,7 @@ Every knob is declared once below, with its default and a one-line doc (the `doc
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -41,7 +42,14 @@ def checked(default, doc, rule, choices=()):
 @dataclass
 class RunConfig:
     dir: str = knob("runs", "parent folder of run directories")
-    name: str | None = knob(None, "run directory name; null = $SLURM_JOB_ID under SLURM, else a timestamp")
+    name: str | None = checked(
+        None,
+        "run directory name; null = $SLURM_JOB_ID under SLURM, else a timestamp",
+        (
+            lambda v: v is None or (v not in ("", ".", "..") and "/" not in v and "\\" not in v),
+            "must be a plain folder name (no '/', not '..')",
+        ),
+    )
     seed: int = knob(0, "base random seed (each rank derives its own augmentation stream)")
 
 
@@ -223,8 +231,16 @@ def _coerce(key: str, hint, value, meta):
         if not optional:
             raise ConfigError(f"config key '{key}' must not be null")
         return None
+    if base is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string: take every spelling Python's float() takes
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if base is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # run.name=12345 (a job id) parses as an int
     if base is int and isinstance(value, bool) or not isinstance(value, base):
@@ -286,6 +302,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.mirror': no folder at {cfg.data.mirror!r}")
 
 
+TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split
+
+
 def check_world(cfg: Config, world_size: int) -> None:
     """Checks that need the world size, which the entry point learns from the launcher (config stays a leaf)."""
     t = cfg.train
@@ -293,6 +312,19 @@ def check_world(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             f"config key 'train.batch_size' ({t.batch_size}) must be divisible by the world size "
             f"({world_size})"
+        )
+    per_rank = t.batch_size // world_size
+    if per_rank < 2:
+        raise ConfigError(
+            f"config key 'train.batch_size' ({t.batch_size}) gives {per_rank} image per rank on {world_size} "
+            "ranks: BatchNorm cannot train on one image; use at least 2 per rank"
+        )
+    images = min(cfg.data.train_subset or TRAIN_IMAGES, TRAIN_IMAGES)
+    if per_rank > images // world_size:
+        raise ConfigError(
+            f"config key 'train.batch_size' ({t.batch_size}) needs {per_rank} training images per rank, but "
+            f"{images} images give each of {world_size} rank(s) {images // world_size}: lower the batch or "
+            "raise data.train_subset"
         )
 
 
@@ -321,3 +353,47 @@ def load(
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# What a resumed run does with a key whose value differs from the checkpoint's config. Keys not listed are
+# applied from the resume on (epochs, the LR peak and schedule, optimizer settings, augmentation, logging,
+# checkpoint cadence, precision, ...). Refused: they would make the checkpoint's state mean something else.
+REFUSED_ON_RESUME = {
+    "model": "the weights belong to the checkpoint's model",
+    "data.resize": "the model was trained on the checkpoint's input size",
+    "data.train_subset": "the epoch's position and the schedule count batches of the checkpoint's training set",
+    "train.batch_size": "the epoch's position and the schedule count batches of the checkpoint's size",
+}
+KEPT_ON_RESUME = {"run.seed": "the data order and random streams come from the checkpoint"}
+NOT_COMPARED = ("run.dir", "run.name", "checkpoint.resume")
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object, str]]:
+    """(key, checkpoint's value, this run's value, verdict) for each key that differs; verdict is "applied",
+    "kept" (the checkpoint's value stays, and `cfg` is set to it) or "refused: <why>"."""
+    old, new = flat(saved), flat(cfg.to_dict())
+    changes = []
+    for key in sorted(new):
+        if key in NOT_COMPARED or key not in old or old[key] == new[key]:
+            continue
+        group = next((g for g in REFUSED_ON_RESUME if key == g or key.startswith(g + ".")), None)
+        if group:
+            verdict = f"refused: {REFUSED_ON_RESUME[group]}"
+        elif key in KEPT_ON_RESUME:
+            verdict = f"kept: {KEPT_ON_RESUME[key]}"
+            _set(cfg, key, old[key])
+        else:
+            verdict = "applied"
+        changes.append((key, old[key], new[key], verdict))
+    return changes

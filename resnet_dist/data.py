@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +116,14 @@ def _fetch(tmp: Path, mirror: str | None) -> str:
             src = Path(mirror) / f"{name}.gz"
             if not src.is_file():
                 raise DataError(f"data.mirror {mirror} lacks {src.name}")
-            with gzip.open(src, "rb") as fin, open(tmp / name, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
+            try:
+                with gzip.open(src, "rb") as fin, open(tmp / name, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+                raise DataError(
+                    f"{src} is not a readable gzip file ({e or type(e).__name__}): a damaged or "
+                    "wrong copy; replace it with the original"
+                ) from None
         return mirror
     from torchvision.datasets import FashionMNIST  # downloads and decompresses into tmp/FashionMNIST/raw
 

@@ -7,6 +7,8 @@ import os
 import re
 import signal
 import socket
+import sys
+import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -230,20 +232,24 @@ def setup(timeout_s: int = 600) -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = info["master_addr"], str(info["master_port"])
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = rendezvous_store(info, timeout)
-        if (
-            gpus == 1 and info["local_world_size"] > 1
-        ):  # one GPU per task, unless the tasks all see the same one
+        store = within(timeout_s, lambda: rendezvous_store(info, timeout), info)
+        # one GPU per task, unless the tasks all see the same one
+        if gpus == 1 and info["local_world_size"] > 1:
             clash = shared_gpu(exchange(store, "gpu", info["rank"], info["world_size"], gpu_identity(device)))
             if clash:
                 raise LaunchError(clash)
-        dist.init_process_group(
-            backend=backend,
-            store=store,
-            rank=info["rank"],
-            world_size=info["world_size"],
-            timeout=timeout,
-            device_id=device if backend == "nccl" else None,
+        init = dist.init_process_group
+        within(
+            timeout_s,
+            lambda: init(
+                backend=backend,
+                store=store,
+                rank=info["rank"],
+                world_size=info["world_size"],
+                timeout=timeout,
+                device_id=device if backend == "nccl" else None,
+            ),
+            info,
         )
     return DistEnv(
         rank=info["rank"],
@@ -255,6 +261,47 @@ def setup(timeout_s: int = 600) -> DistEnv:
         num_nodes=info["num_nodes"],
         warnings=tuple(warnings),
     )
+
+
+def within(timeout_s: float, fn, info: dict):
+    """fn() (joining the rendezvous), bounded by dist.timeout_s, its failure one line (LaunchError).
+
+    A store client that reached a program other than rank 0 on MASTER_PORT waits for an answer that never
+    comes, past any timeout of its own: the call runs in a thread the process leaves behind when it gives up.
+    """
+    box: dict = {}
+
+    def call():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout_s + 5)
+    where = f"{info['master_addr']}:{info['master_port']}"
+    if thread.is_alive():
+        raise LaunchError(
+            f"rank {info['rank']} got no answer from rank 0's rendezvous at {where} within dist.timeout_s="
+            f"{timeout_s:g}s: is another program holding that port (MASTER_PORT), or rank 0 stuck?"
+        )
+    if "error" not in box:
+        return box.get("value")
+    e = box["error"]
+    text = str(e)
+    if "EADDRINUSE" in text or "address already in use" in text:
+        raise LaunchError(
+            f"rank 0 cannot listen on {where}: the port is in use by another program; choose a free "
+            "MASTER_PORT (torchrun --rdzv-endpoint=HOST:0 picks one)"
+        ) from None
+    if "waiting for clients" in text or "connect to" in text or "timed out" in text.lower():
+        first = text.strip().splitlines()[0][:200]
+        raise LaunchError(
+            f"rank {info['rank']}: the {info['world_size']} ranks did not all meet at {where} within "
+            f"dist.timeout_s={timeout_s:g}s ({first}): start every rank, with the same MASTER_ADDR/PORT"
+        ) from None
+    raise e
 
 
 def device_for(local_rank: int, gpus: int) -> torch.device:
@@ -356,6 +403,21 @@ def broadcast_object(obj, src: int = 0):
     return obj
 
 
+def rank0_first(fn, errors: tuple[type[BaseException], ...]):
+    """fn() on rank 0 alone (the filesystem work of a run), its result broadcast to every rank. When it raises
+    one of `errors`, every rank raises that exception, so all ranks stop together for rank 0's reason."""
+    outcome = None
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        try:
+            outcome = (True, fn())
+        except errors as e:
+            outcome = (False, e)
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        raise value
+    return value
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -401,7 +463,8 @@ def rank0_decides(value: bool, device: torch.device) -> bool:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (SIGINT too, see train.py) set a flag; all ranks agree to stop at the same step.
+    """SIGTERM, SIGUSR1 and a first SIGINT (Ctrl-C) set a flag; all ranks agree to stop at the same step.
+    A second SIGINT stops the process at once.
 
     The flag travels on the main process group, not on a second (gloo) group that would have to find its
     own network interface across nodes: each step every rank all-reduces its flag, and reads the result
@@ -410,7 +473,7 @@ class Preemption:
     run at most lag + 1 steps later. One process needs no agreement: the flag is read directly.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, env: DistEnv, lag: int | None = None):
         self.received = False
@@ -426,6 +489,11 @@ class Preemption:
         return self
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT:  # someone at a terminal: say what happens (os.write: safe in a handler)
+            if self.received:
+                os.write(2, b"interrupted twice: stopping without a checkpoint\n")
+                os._exit(130)
+            os.write(2, b"interrupted: saving a checkpoint at the next step (Ctrl-C again to stop at once)\n")
         self.received = True
 
     def agreed(self) -> bool:

@@ -198,7 +198,10 @@ def main(argv=None) -> int:
     except (checkpoint.CheckpointError, config.ConfigError) as e:
         cli.usage_error(str(e))
 
-    env = distributed.setup(cfg.dist.timeout_s)
+    try:
+        env = distributed.setup(cfg.dist.timeout_s)
+    except distributed.LaunchError as e:
+        cli.usage_error(str(e))
     try:
         raw = prepare(cfg.data.root, cfg.data.mirror)  # one process prepares, under a lock
         test_x, test_y = (t.to(env.device) for t in load_split(raw, "test", cfg.data.test_subset))

@@ -90,11 +90,14 @@ class TrainMeter:
         return epoch
 
     def state_dict(self) -> dict:
-        """Collective (the open interval is summed over ranks), so a resume on any world size carries it."""
+        """Collective (the open interval is summed over ranks), so a resume on any world size carries it.
+        The open interval's time goes with its steps: a resumed interval's images/s counts both."""
+        self._read_clock()
         loss_sum, correct = all_reduce_sum(self.sums.clone()).tolist()
         return {
             "interval": [loss_sum, correct],
             "interval_steps": self.steps,
+            "interval_time": self.interval_s,
             "epoch_sums": list(self.epoch_sums),
             "epoch_time": self.epoch_s,
         }
@@ -104,6 +107,8 @@ class TrainMeter:
         if is_main:  # the open interval was summed over ranks: rank 0 carries it alone
             self.sums += torch.tensor(state["interval"], dtype=torch.float64, device=self.sums.device)
         self.steps = state["interval_steps"]
+        # checkpoints without the interval's time: restart the interval's clock, its images/s then too high
+        self.interval_s = state.get("interval_time", 0.0)
         self.epoch_sums, self.epoch_s = list(state["epoch_sums"]), state["epoch_time"]
 
 
@@ -143,12 +148,33 @@ class JsonlLogger(NullLogger):
         self.f.close()
 
 
+class MetricsError(RuntimeError):
+    """metrics.jsonl is damaged where a crash cannot have damaged it (not its last line)."""
+
+
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop records logged after `last_step` (written after the checkpoint a run resumes from), atomically."""
+    """Drop records logged after `last_step` (written after the checkpoint a run resumes from), atomically.
+    A torn last line (a crash in the middle of writing it) is dropped with a warning; a line that is not
+    JSON anywhere else raises MetricsError."""
     if not path.exists():
         return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number < len(lines):
+                raise MetricsError(
+                    f"{path} line {number} is not JSON (damaged by hand or by a tool): repair or delete that "
+                    "line, or start over with checkpoint.resume=never"
+                ) from None
+            print(
+                f"warning: dropped the torn last line of {path} (a crash while writing it)", file=sys.stderr
+            )
+            break
+        if record.get("step", 0) <= last_step:
+            keep.append(line + "\n")
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(keep))
     os.replace(tmp, path)

@@ -69,6 +69,19 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
         group.update(flags)
 
 
+def apply_settings(optimizer: torch.optim.Optimizer, scheduler, t) -> None:
+    """This run's momentum, weight decay and LR peak over a loaded checkpoint's (load_state_dict restores
+    the saving run's): a resume with another train.lr follows this run's schedule from its step on. The LR
+    schedule itself (epochs, shape) is this run's already: its function is not part of the saved state."""
+    decay, no_decay = optimizer.param_groups
+    decay["weight_decay"] = t.weight_decay
+    scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(momentum=t.momentum, nesterov=t.nesterov, initial_lr=t.lr)
+        group["lr"] = t.lr * factor(scheduler.last_epoch)  # as LambdaLR computes it
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def lr_factor(t, total_steps: int):
     """Multiplier of the peak LR at each step: constant, onecycle (linear up, linear down) or warmup + cosine."""
     warm = max(1, round(t.warmup * total_steps)) if t.warmup > 0 else 0

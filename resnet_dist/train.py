@@ -9,32 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, cli, config, distributed, wandb_logger
+from . import checkpoint, cli, config, distributed, rundir, wandb_logger
 from .data import DataError, load_splits
-from .metrics import ConsoleLogger, JsonlLogger, MultiLogger, NullLogger, truncate_jsonl
+from .metrics import ConsoleLogger, JsonlLogger, MetricsError, MultiLogger, NullLogger, truncate_jsonl
 from .optim import configure_backends
-from .trainer import Outcome, Trainer
-
-TORCHRUN_MARK = ".torchrun_id"  # in a run directory: the id of the torchrun job that made it
-
-
-def run_name(cfg: config.Config, env=os.environ) -> str:
-    """`run.name`, else the SLURM job id (a requeued job keeps it), else a timestamp. A worker group that
-    torchrun restarted (--max-restarts) finds the directory its first attempt made, by torchrun's run id."""
-    if cfg.run.name:
-        return cfg.run.name
-    if env.get("SLURM_JOB_ID"):
-        return env["SLURM_JOB_ID"]
-    torchrun_id = env.get("TORCHELASTIC_RUN_ID", "none")
-    if torchrun_id != "none" and int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        marks = sorted(
-            Path(cfg.run.dir).glob(f"*/{TORCHRUN_MARK}"), key=lambda p: p.stat().st_mtime, reverse=True
-        )
-        for mark in marks:
-            if mark.read_text().strip() == torchrun_id:
-                return mark.parent.name
-    # a random suffix: two runs started in the same second never share (and resume) a directory
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+from .trainer import Diverged, Outcome, Trainer
 
 
 def requeue_slurm_job(env=os.environ) -> None:
@@ -81,21 +60,73 @@ def write_plots(run_dir: Path, history: list) -> None:
         )
 
 
-def resume_state(cfg: config.Config, ckpt_dir: Path, env: distributed.DistEnv):
-    """The checkpoint to resume from per `checkpoint.resume`, or None for a fresh start.
+class Refused(RuntimeError):
+    """A run that must not start (a changed model on resume, no loadable checkpoint over existing ones): exit 2."""
 
-    With `auto`, rank 0 picks the newest valid file (reporting any it skips) and every rank loads that
-    one: ranks never resume from different checkpoints, whatever their view of a shared filesystem.
-    """
-    if cfg.checkpoint.resume == "never":
-        return None
-    if cfg.checkpoint.resume != "auto":
-        return checkpoint.load(Path(cfg.checkpoint.resume))
-    found = checkpoint.load_newest(ckpt_dir) if env.is_main else None
-    path = distributed.broadcast_object(str(found[1]) if found else None)
-    if path is None:
-        return None
-    return found[0] if env.is_main else checkpoint.load(Path(path))
+
+def open_run(cfg: config.Config, env: distributed.DistEnv, run_dir: Path):
+    """Rank 0 checks that the run directory is writable, locks it and picks the checkpoint to resume from;
+    every rank gets the same outcome (or the same error). Returns (lock, state): the lock on rank 0 (None
+    elsewhere) and the loaded checkpoint or None for a fresh start. Writes nothing but the lock."""
+    held, loaded = [], []  # rank 0's lock and loaded checkpoint: only the path is broadcast
+
+    def on_rank0():
+        rundir.check_writable(run_dir)
+        held.append(rundir.RunLock(run_dir).acquire())
+        ckpts = run_dir / "checkpoints"
+        if cfg.checkpoint.resume == "never":
+            return None
+        if cfg.checkpoint.resume != "auto":
+            loaded.append(checkpoint.load(Path(cfg.checkpoint.resume)))
+            return cfg.checkpoint.resume
+        found = checkpoint.load_newest(ckpts)
+        if found is None and checkpoint.any_checkpoint(ckpts):
+            raise Refused(
+                f"{ckpts} holds checkpoints but none of them loads: resume from one with "
+                "checkpoint.resume=PATH, or start over them with checkpoint.resume=never"
+            )
+        loaded.extend(found[:1] if found else [])
+        return str(found[1]) if found else None
+
+    try:
+        path = distributed.rank0_first(on_rank0, (rundir.RunDirError, checkpoint.CheckpointError, Refused))
+    except BaseException:
+        for lock in held:
+            lock.release()
+        raise
+    state = loaded[0] if loaded else (checkpoint.load(Path(path)) if path else None)
+    return (held[0] if held else None), state
+
+
+def reconcile(cfg: config.Config, state: dict, env: distributed.DistEnv) -> None:
+    """A resume with another config: one line per changed key saying what happens to it; what cannot apply
+    coherently (model, input size, batch, training set) stops the run before anything is written."""
+    changes = config.resume_changes(state["config"], cfg)
+    if env.is_main:
+        for key, old, new, verdict in changes:
+            print(f"config: {key} {old!r} -> {new!r}: {verdict}", flush=True)
+    refused = [key for key, *_, verdict in changes if verdict.startswith("refused")]
+    if refused:
+        raise Refused(
+            f"cannot resume with a changed {', '.join(refused)} (see the config: lines above): "
+            "resume with the checkpoint's values, or start a new run (another run.name)"
+        )
+
+
+def write_run_files(cfg: config.Config, run_dir: Path, state: dict | None) -> None:
+    """Rank 0, once the run is decided: config.yaml (what actually runs), metrics.jsonl cut back to the
+    checkpoint (or set aside on a fresh start over an old one), torchrun's run id."""
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+    if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        (run_dir / rundir.TORCHRUN_MARK).write_text(os.environ["TORCHELASTIC_RUN_ID"])
+    metrics = run_dir / "metrics.jsonl"
+    if state is not None:
+        truncate_jsonl(metrics, state["progress"]["global_step"])
+    elif metrics.exists():  # checkpoint.resume=never over an earlier run: keep its history, apart
+        old = metrics.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        metrics.rename(old)
+        print(f"starting over: the earlier run's metrics.jsonl is now {old.name}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -118,19 +149,15 @@ def main(argv=None) -> int:
     if env.is_main:
         for warning in env.warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
-    logger = NullLogger()
+    logger, lock, training = NullLogger(), None, False
     try:
-        run_dir = Path(cfg.run.dir) / distributed.broadcast_object(run_name(cfg))
-        if env.is_main:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
-            if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
-                (run_dir / TORCHRUN_MARK).write_text(os.environ["TORCHELASTIC_RUN_ID"])
-        state = resume_state(cfg, run_dir / "checkpoints", env)
+        run_dir = Path(cfg.run.dir) / distributed.broadcast_object(rundir.run_name(cfg))
+        lock, state = open_run(cfg, env, run_dir)
+        if state is not None:
+            reconcile(cfg, state, env)
+        distributed.rank0_first(lambda: write_run_files(cfg, run_dir, state), (MetricsError, OSError))
         wb = None
         if env.is_main:
-            if state is not None:
-                truncate_jsonl(run_dir / "metrics.jsonl", state["progress"]["global_step"])
             # W&B continues the checkpoint's run (same id, its steps go on); None when W&B is off
             wb = wandb_logger.start(cfg, run_dir, run_dir.name, state.get("wandb_id") if state else None)
             logger = MultiLogger(
@@ -139,14 +166,9 @@ def main(argv=None) -> int:
         configure_backends(env.device)
         data = load_splits(cfg.data, env.device)
         # every checkpoint carries the W&B run id: a resumed or requeued job continues the same W&B run
+        preemption = distributed.Preemption(env).install()
         trainer = Trainer(
-            cfg,
-            env,
-            data,
-            run_dir,
-            logger,
-            preemption=distributed.Preemption(env).install(),
-            meta={"wandb_id": wb.id if wb else None},
+            cfg, env, data, run_dir, logger, preemption, meta={"wandb_id": wb.id if wb else None}
         )
         if state is not None:
             trainer.load_state_dict(state)
@@ -161,6 +183,7 @@ def main(argv=None) -> int:
             small = small_batch_warning(env.device, cfg.train.batch_size // env.world_size, env.world_size)
             if small:
                 print(f"warning: {small}", file=sys.stderr, flush=True)
+        training = True
         outcome = trainer.fit()
         if env.is_main:
             write_plots(run_dir, trainer.history)
@@ -174,9 +197,18 @@ def main(argv=None) -> int:
             elif cfg.checkpoint.requeue:
                 requeue_slurm_job()
         return 0
-    except (checkpoint.CheckpointError, DataError) as e:
+    except (rundir.RunDirError, Refused, MetricsError, checkpoint.CheckpointError, Diverged) as e:
+        # every rank holds the same error (rank0_first, or a value all ranks computed): rank 0 says it.
+        # Found before training: exit 2, as for any usage error; during training (a full disk): 1
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1 if training else 2
+    except (DataError, OSError) as e:  # this rank's own problem: the dataset, a file it writes
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before training started (afterwards it stops the run cleanly)
+        print("interrupted before training started: nothing to save", file=sys.stderr, flush=True)
+        return 130
     except Exception as e:  # noqa: BLE001
         hint = distributed.explain_failure(e, cfg.dist.timeout_s)
         if hint is None:
@@ -185,6 +217,8 @@ def main(argv=None) -> int:
         return 1
     finally:
         logger.close()
+        if lock is not None:
+            lock.release()
         distributed.teardown()
 
 

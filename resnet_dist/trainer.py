@@ -8,6 +8,7 @@ group, so `fit()` runs in a test on a few synthetic tensors.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from .distributed import DistEnv, NoPreemption, Preemption, broadcast_buffers, r
 from .evaluate import Evaluator
 from .metrics import EpochMedia, NullLogger, TrainMeter, progress_bar
 from .model import build_model, compiled, memory_format
+
+
+class Diverged(RuntimeError):
+    """The loss or the weights stopped being finite; every rank raises it at the same step."""
 
 
 class Outcome(enum.Enum):
@@ -83,6 +88,7 @@ class Trainer:
         self.seconds = {"eval": 0.0, "save": 0.0}
         self.last_save_s, self.last_save_end = 0.0, time.perf_counter()  # for the checkpoint overhead rule
         self.history, self.meta = [], dict(meta or {})
+        self.last_finite = (-1, float("nan"))  # (step, loss) of the last finite interval loss
 
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -132,6 +138,7 @@ class Trainer:
         """Sum the interval's metrics over ranks (the one collective and host sync of the interval) and log."""
         interval = self.meter.flush()
         lr = self.scheduler.get_last_lr()[0]
+        self.check_finite(interval["train/loss"])
         bar.set_postfix_str(f"loss {interval['train/loss']:.4f} lr {lr:.4g}")
         record = {"kind": "step", "epoch": self.epoch, "step": self.global_step, **interval, "lr": lr}
         if self.env.device.type == "cuda":
@@ -149,6 +156,7 @@ class Trainer:
             self.seconds["eval"] += time.perf_counter() - start
             confusion = result.pop("confusion")
             record.update(result)
+            self.check_finite(record["train/loss"], record["test/loss"])
             self.history.append({"epoch": self.epoch, "confusion": confusion})
             self.logger.log(record, self.media(confusion))
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -196,11 +204,41 @@ class Trainer:
         since = time.perf_counter() - self.last_save_end
         return rank0_decides(self.last_save_s <= c.max_overhead * (since + self.last_save_s), self.env.device)
 
+    def check_finite(self, *losses: float) -> None:
+        """Stop all ranks together on a non-finite loss (each rank holds the same, all-reduced value)."""
+        if not all(math.isfinite(v) for v in losses):
+            raise self.diverged(f"the loss is {next(v for v in losses if not math.isfinite(v))}")
+        self.last_finite = (self.global_step, losses[0])
+
+    def diverged(self, what: str) -> Diverged:
+        step, loss = self.last_finite
+        before = (
+            f"last finite loss {loss:.4g} at step {step}" if step >= 0 else "no finite loss logged before"
+        )
+        return Diverged(
+            f"training diverged at step {self.global_step}: {what} ({before}); no checkpoint was written with "
+            f"these weights. Lower train.lr (now {self.cfg.train.lr:g}) or add warm-up, then resume from an "
+            "earlier checkpoint or start over with checkpoint.resume=never"
+        )
+
     def save(self) -> None:
         start = time.perf_counter()
         state = self.state_dict()  # collective: every rank calls save() at the same step
+        if not checkpoint.finite(state):  # the same weights on every rank: all stop here together
+            raise self.diverged("the weights are not finite")
+        error = None
         if self.env.is_main and self.run_dir is not None:
-            checkpoint.save(state, self.run_dir / "checkpoints", self.global_step, self.cfg.checkpoint.keep)
+            try:
+                checkpoint.save(
+                    state, self.run_dir / "checkpoints", self.global_step, self.cfg.checkpoint.keep
+                )
+            except checkpoint.CheckpointError as e:
+                error = e
+        # the other ranks learn that rank 0's write failed, rather than finding rank 0 gone at the next step
+        if not rank0_decides(error is None, self.env.device):
+            raise error or checkpoint.CheckpointError(
+                "rank 0 could not write the checkpoint (its error says why)"
+            )
         self.last_save_end = time.perf_counter()
         self.last_save_s = self.last_save_end - start
         self.seconds["save"] += self.last_save_s
@@ -233,6 +271,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         optim.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        optim.apply_settings(self.optimizer, self.scheduler, self.cfg.train)  # a changed train.lr, ...
         if state["scaler"]:  # empty when the saving run had no GradScaler (bf16, fp32): fp16 starts afresh
             self.scaler.load_state_dict(state["scaler"])
         # progress counts global batches, the meter's sums are over all ranks: both carry over to any world size

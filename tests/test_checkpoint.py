@@ -61,3 +61,27 @@ def test_kill_during_save_never_leaves_a_partial_file(tmp_path):
                 assert checkpoint.load(ck / name)["model"]["w"].numel() == 4_000_000
         newest = checkpoint.load_newest(ck)
         assert newest is not None and newest[1].name.startswith("step-")
+
+
+def _tiny_state(step: int, value: float = 1.0) -> dict:
+    return {"model": {"w": torch.full((3,), value)}, "progress": {"global_step": step}}
+
+
+def test_newest_is_last_pt_when_the_step_files_are_gone_or_older(tmp_path):
+    checkpoint.save(_tiny_state(4), tmp_path, 4, keep=5)
+    checkpoint.save(_tiny_state(8), tmp_path, 8, keep=5)
+    assert checkpoint.load_newest(tmp_path)[1].name == "step-00000008.pt"  # last.pt: the same file
+    (tmp_path / "step-00000008.pt").unlink()
+    state, path = checkpoint.load_newest(tmp_path)
+    assert path.name == "last.pt" and state["progress"]["global_step"] == 8
+    for p in checkpoint.step_files(tmp_path):
+        p.unlink()
+    assert checkpoint.load_newest(tmp_path)[1].name == "last.pt"
+
+
+def test_non_finite_weights_are_not_a_checkpoint(tmp_path):
+    checkpoint.save(_tiny_state(2), tmp_path, 2, keep=5)
+    checkpoint.save(_tiny_state(4, float("nan")), tmp_path, 4, keep=5)
+    with pytest.raises(checkpoint.CheckpointError, match="not finite"):
+        checkpoint.load(tmp_path / "step-00000004.pt")
+    assert checkpoint.load_newest(tmp_path)[1].name == "step-00000002.pt"  # skipped, with a warning

@@ -59,6 +59,15 @@ def test_dotted_keys_inside_yaml_and_sections(tmp_path):
         ("train.nesterov=true", "train.nesterov"),
         ("checkpoint.resume=/no/such/file.pt", "checkpoint.resume"),
         ("data.mirror=/no/such/dir", "data.mirror"),
+        ("train.lr=.inf", "finite"),
+        ("train.lr=nan", "finite"),
+        ("train.momentum=-inf", "finite"),
+        ("train.lr=1e-3x", "must be a number"),
+        ("run.name=../../x", "run.name"),
+        ("run.name=a/b", "run.name"),
+        ("run.name=..", "run.name"),
+        ("train.batch_size=1", "BatchNorm cannot train on one image"),
+        ("data.train_subset=100", "needs 256 training images per rank"),
     ],
 )
 def test_each_bad_value_names_its_key(override, words):
@@ -141,3 +150,30 @@ def test_print_config_exits_0_without_training(tmp_path):
     assert proc.returncode == 0
     assert yaml.safe_load(proc.stdout)["train"]["lr"] == 0.2
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("1e-3", 1e-3),
+        ("1E-3", 1e-3),
+        (".5", 0.5),
+        ("5.", 5.0),
+        ("1_000.5", 1000.5),
+        ("3", 3.0),
+        (" 2e1 ", 20.0),
+    ],
+)
+def test_every_float_spelling_python_takes(text, value, tmp_path):
+    assert config.load(None, [f"train.lr={text}"], world_size=1).train.lr == value
+    f = tmp_path / "c.yaml"
+    f.write_text(f"train:\n  lr: {text.strip()}\n")  # YAML 1.1 reads 1e-3 as a string
+    assert config.load(str(f), world_size=1).train.lr == value
+
+
+def test_batch_checks_need_the_world():
+    with pytest.raises(ConfigError, match="gives 1 image per rank on 4 ranks"):
+        config.load(None, ["train.batch_size=4"], world_size=4)
+    with pytest.raises(ConfigError, match=r"give each of 2 rank\(s\) 50"):
+        config.load(None, ["train.batch_size=128", "data.train_subset=100"], world_size=2)
+    config.load(None, ["train.batch_size=100", "data.train_subset=100"], world_size=1)

@@ -184,3 +184,11 @@ def test_resize_to_224():
     x = torch.zeros(3, 1, 28, 28, dtype=torch.uint8)
     assert data.normalize(x, 224).shape == (3, 1, 224, 224)
     assert data.normalize(x, None).shape == (3, 1, 28, 28)
+
+
+def test_a_mirror_file_that_is_not_gzip_is_one_clear_error(tmp_path):
+    mirror = _mirror_with(tmp_path, corrupt=False)
+    (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(b"<html>a proxy's error page</html>")
+    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte.gz is not a readable gzip file"):
+        data.prepare(str(tmp_path / "root"), str(mirror))
+    assert not (tmp_path / "root" / "FashionMNIST" / "raw").exists()

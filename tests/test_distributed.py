@@ -1,3 +1,6 @@
+import os
+import signal
+
 import pytest
 
 from resnet_dist import distributed
@@ -108,6 +111,14 @@ def _agreement(env):
                 p.received = True  # what the signal handler does, on one rank only
             stops.append(p.agreed())
         found[lag] = (stops.index(True), p.drain())
+    # a real SIGTERM to rank 1, through the installed handler
+    p = distributed.Preemption(env).install()
+    stops = []
+    for step in range(6):
+        if env.rank == 1 and step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        stops.append(p.agreed())
+    found["sigterm"] = stops.index(True)
     # the epoch-end drain: a flag raised in the last steps is still agreed on every rank
     p = distributed.Preemption(env, lag=2)
     p.received = env.rank == 0
@@ -127,5 +138,5 @@ def test_preemption_agreement_and_rank0_state_in_a_real_group():
     for rank in (0, 1):
         # the flag raised at step 4 on rank 1 stops both ranks at the same step, `lag` steps later
         assert got[rank][1] == (5, True) and got[rank][3] == (7, True), got
-        assert got[rank]["drain"] == (False, True, False)
+        assert got[rank]["drain"] == (False, True, False) and got[rank]["sigterm"] == 3
         assert got[rank]["buffers"] == ([1.0, 1.0, 1.0], 5) and got[rank]["decides"] is True

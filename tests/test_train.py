@@ -58,6 +58,7 @@ def test_torchrun_two_ranks(tmp_path, data_root):
     assert proc.stdout.count("epoch 2 step") == 1
     check_run(tmp_path / "two", world_size=2)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        ".lock",
         "checkpoints",
         "config.yaml",
         "confusion.png",
@@ -140,7 +141,7 @@ def test_progress_bar_on_a_terminal(tmp_path, data_root):
 
 def test_run_names(tmp_path):
     from resnet_dist import config
-    from resnet_dist.train import TORCHRUN_MARK, run_name
+    from resnet_dist.rundir import TORCHRUN_MARK, run_name
 
     cfg = config.load(None, [f"run.dir={tmp_path}"], world_size=1)
     assert run_name(config.load(None, ["run.name=mine"], world_size=1), {"SLURM_JOB_ID": "7"}) == "mine"

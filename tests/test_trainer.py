@@ -3,6 +3,7 @@ devices, the checkpoint cadence, torch.compile's fallback, DDP's in-place gradie
 
 import collections
 import math
+import time
 
 import pytest
 import torch
@@ -296,3 +297,39 @@ def test_a_signal_on_one_rank_stops_both_at_the_same_step(tmp_path):
     """The agreement in a real 2-rank gloo group: raised on rank 1 at step 2, read one step later by both."""
     assert in_gloo_group(_fit_with_a_signal_on_rank_1, 2, tmp_path) == [(Outcome.PREEMPTED, 3)] * 2
     assert checkpoint.load(tmp_path / "s" / "checkpoints" / "last.pt")["progress"]["global_step"] == 3
+
+
+def test_a_resumed_interval_keeps_its_time(tmp_path):
+    """images/s of an interval cut by a checkpoint counts the time before the checkpoint too."""
+    from resnet_dist.metrics import TrainMeter
+
+    a = TrainMeter(torch.device("cpu"), global_batch=16)
+    a.start_clock()
+    a.add(torch.tensor(1.0), torch.zeros(16, 10), torch.zeros(16, dtype=torch.long))
+    time.sleep(0.2)
+    state = a.state_dict()
+    b = TrainMeter(torch.device("cpu"), global_batch=16)
+    b.load_state_dict(state, is_main=True)
+    b.start_clock()
+    b.add(torch.tensor(1.0), torch.zeros(16, 10), torch.zeros(16, dtype=torch.long))
+    assert state["interval_time"] >= 0.2
+    assert b.flush()["images_per_s"] <= 32 / 0.2  # 2 steps of 16 in at least 0.2 s
+
+
+def test_tiny_epochs_do_not_write_a_checkpoint_each(tmp_path, monkeypatch):
+    """Epochs of a few batches with a save that costs more than they do: the default max_overhead (5%) skips
+    epoch-end saves until enough time has passed; the last epoch still saves."""
+    slow_save = checkpoint.save
+
+    def save(*args, **kwargs):
+        time.sleep(0.5)  # a slow disk (or a big model) against epochs of a few batches
+        return slow_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    cfg = load_config(
+        None, [f"run.dir={tmp_path}", *SYNTH, "train.epochs=6", "checkpoint.keep=10"], world_size=1
+    )
+    trainer = Trainer(cfg, CPU_ENV, synthetic(), tmp_path / "s")
+    assert trainer.fit() is Outcome.DONE
+    saved = [int(p.name[5:13]) for p in checkpoint.step_files(tmp_path / "s" / "checkpoints")]
+    assert sorted(saved) == [4, 24]  # the first epoch (nothing measured yet) and the last

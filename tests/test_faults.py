@@ -1,0 +1,274 @@
+"""Nothing lost, nothing silently wrong: a careless or unlucky user's run, on real processes. Two launches into
+one directory, a diverging LR, a changed config on resume, hand-damaged run directories, Ctrl-C, a full disk,
+a busy port, a peer that never comes. Each ends in one line on stderr and the right exit code."""
+
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from resnet_dist import checkpoint
+
+from .helpers import PY, REPO, clean_env, epochs, free_port, read_metrics, run, small_run
+
+TRAIN = [PY, "-m", "resnet_dist.train"]
+
+
+def one_line(proc) -> str:
+    """The single line a failing command printed on stderr (and no traceback)."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def launch(cmd, **env):
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(path: Path, proc, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+# ---- two runs, one directory ---------------------------------------------------------------------------
+def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_holder_blocks_nobody(tmp_path, data_root):
+    args = small_run(data_root, tmp_path, "busy", "train.epochs=3", "log.every_steps=2")
+    first = launch(TRAIN + args)
+    wait_for(tmp_path / "busy" / "config.yaml", first)
+    second = run(TRAIN + args, timeout=120)
+    assert second.returncode == 2
+    line = one_line(second)
+    assert f"is in use by {socket.gethostname()} pid {first.pid}" in line and "run.name" in line
+    first.send_signal(signal.SIGKILL)  # the holder dies without releasing anything
+    first.communicate()
+    third = run(TRAIN + args + ["train.epochs=1", "data.train_subset=128"], timeout=180)
+    assert third.returncode == 0, third.stderr
+    assert (tmp_path / "busy" / "metrics.jsonl").read_text().count('"kind": "epoch"') == 1
+
+
+# ---- divergence ----------------------------------------------------------------------------------------
+def test_divergence_stops_with_one_line_and_writes_no_non_finite_checkpoint(tmp_path, data_root):
+    proc = run(
+        TRAIN
+        + small_run(
+            data_root,
+            tmp_path,
+            "nan",
+            "train.lr=1e6",
+            "log.every_steps=1",
+            "checkpoint.every_steps=1",
+            "data.train_subset=256",
+        )
+    )
+    assert proc.returncode == 1
+    line = one_line(proc)
+    assert line.startswith("error: training diverged at step ") and "train.lr (now 1e+06)" in line
+    for path in (tmp_path / "nan" / "checkpoints").glob("*.pt"):  # the steps before it: finite, loadable
+        assert checkpoint.finite(checkpoint.load(path))
+
+
+def test_non_finite_checkpoint_is_refused_by_resume_and_evaluate(tmp_path, trained, data_root):
+    state = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)
+    state["model"]["0.0.weight"][0, 0, 0, 0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    torch.save(state, bad)
+    proc = run([PY, "-m", "resnet_dist.evaluate", "--checkpoint", str(bad), f"data.root={data_root}"])
+    assert proc.returncode == 2 and "weights are not finite" in one_line(proc)
+    proc = run(TRAIN + small_run(data_root, tmp_path, "r", f"checkpoint.resume={bad}", "train.epochs=2"))
+    assert proc.returncode == 2 and "weights are not finite" in one_line(proc)
+    assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+# ---- resuming a damaged or changed run -----------------------------------------------------------------
+def test_resume_from_only_last_pt_with_a_changed_config(tmp_path, trained, data_root):
+    """Step files deleted by hand: last.pt is the newest; a changed LR and epochs apply, a changed seed is kept,
+    and config.yaml and the checkpoint say what ran."""
+    run_dir = tmp_path / "t"
+    shutil.copytree(trained, run_dir)
+    for p in checkpoint.step_files(run_dir / "checkpoints"):
+        p.unlink()
+    proc = run(TRAIN + small_run(data_root, tmp_path, "t", "train.epochs=2", "train.lr=0.1", "run.seed=3"))
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed at step 8" in proc.stdout
+    assert "config: train.epochs 1 -> 2: applied" in proc.stdout
+    assert "config: train.lr 0.05 -> 0.1: applied" in proc.stdout
+    assert "config: run.seed 0 -> 3: kept: " in proc.stdout
+    assert [(r["epoch"], r["lr"]) for r in epochs(read_metrics(run_dir))] == [(0, 0.05), (1, 0.1)]
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")["config"]
+    for cfg in (written, saved):
+        assert (cfg["train"]["lr"], cfg["train"]["epochs"], cfg["run"]["seed"]) == (0.1, 2, 0)
+
+
+def test_a_resume_that_cannot_apply_a_change_or_load_a_checkpoint_stops(tmp_path, trained, data_root):
+    run_dir = tmp_path / "t"
+    shutil.copytree(trained, run_dir)
+    before = (run_dir / "config.yaml").read_text()
+    proc = run(TRAIN + small_run(data_root, tmp_path, "t", "model.stem=cifar", "data.resize=32"))
+    assert proc.returncode == 2
+    assert "config: model.stem 'imagenet' -> 'cifar': refused" in proc.stdout
+    assert "cannot resume with a changed data.resize, model.stem" in one_line(proc)
+    assert (run_dir / "config.yaml").read_text() == before  # nothing rewritten
+    # only damaged checkpoints: never a fresh start over them without checkpoint.resume=never
+    for p in (run_dir / "checkpoints").glob("*.pt"):
+        p.unlink()
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    proc = run(TRAIN + small_run(data_root, tmp_path, "t", "train.epochs=2"))
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "none of them loads" in lines[-1] and "checkpoint.resume=never" in lines[-1], proc.stderr
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_torn_metrics_lines(tmp_path, capsys):
+    from resnet_dist.metrics import MetricsError, truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"kind": "step", "step": s}) for s in (1, 2, 3)]
+    path.write_text("\n".join(good) + '\n{"kind": "st')  # a crash in the middle of the last line
+    truncate_jsonl(path, 2)
+    assert path.read_text().splitlines() == good[:2]
+    assert "dropped the torn last line" in capsys.readouterr().err
+    path.write_text(good[0] + "\n{oops\n" + good[1] + "\n")
+    with pytest.raises(MetricsError, match="line 2 is not JSON"):
+        truncate_jsonl(path, 5)
+
+
+# ---- Ctrl-C -----------------------------------------------------------------------------------------------
+def test_ctrl_c_saves_and_a_second_one_aborts_at_once(tmp_path, data_root):
+    args = TRAIN + small_run(data_root, tmp_path, "c", "train.epochs=3", "log.every_steps=1")
+    metrics = tmp_path / "c" / "metrics.jsonl"
+    proc = launch(args)
+    wait_for(metrics, proc)
+    while not metrics.read_text():  # training: its first step is logged
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "interrupted: saving a checkpoint at the next step (Ctrl-C again to stop at once)"
+    ]
+    saved = int(out.split("preempted: checkpoint saved at step ")[1].split(";")[0])
+    assert checkpoint.load(tmp_path / "c" / "checkpoints" / "last.pt")["progress"]["global_step"] == saved
+
+    proc = launch(args)
+    deadline = time.time() + 120
+    while max(r["step"] for r in read_metrics(tmp_path / "c")) <= saved:  # until the resumed run logs a step
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr.readline().startswith("interrupted: saving")  # the handler ran: the flag is up
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "interrupted twice: stopping without a checkpoint"
+    ]
+
+
+# ---- the disk fills up -----------------------------------------------------------------------------------
+def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, data_root):
+    """2 ranks; a 70 MB tmpfs holds one 45 MB checkpoint, not two: rank 0 says why, rank 1 does not blame a
+    dead peer, and the first checkpoint stays loadable."""
+    with tmpfs(tmp_path / "small", "size=70m") as disk:
+        port = free_port()
+        args = small_run(
+            data_root,
+            disk,
+            "full",
+            "checkpoint.every_steps=2",
+            "train.epochs=1",
+            "data.train_subset=256",
+            "dist.timeout_s=30",
+        )
+        procs = [
+            launch(
+                TRAIN + args, RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+            )
+            for r in (0, 1)
+        ]
+        results = [p.communicate(timeout=240) for p in procs]
+        assert [p.returncode for p in procs] == [1, 1], results
+        err0 = [line for line in results[0][1].splitlines() if line.strip()]
+        assert err0 == [
+            "error: could not write step-00000004: No space left on device; step-00000002 is kept"
+        ]
+        assert "another rank died" not in results[1][1] and "Traceback" not in results[1][1], results[1][1]
+        kept = checkpoint.load(disk / "full" / "checkpoints" / "step-00000002.pt")
+        assert kept["progress"]["global_step"] == 2
+
+
+# ---- checked before anything is written --------------------------------------------------------------------
+def test_an_unusable_run_dir_is_refused_before_anything_is_written(tmp_path, data_root):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = run(TRAIN + small_run(data_root, afile, "x"), timeout=60)
+    assert proc.returncode == 2 and "is a file, not a folder" in one_line(proc)
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as ro:
+        proc = run(TRAIN + small_run(data_root, ro / "runs", "x"), timeout=60)
+        assert proc.returncode == 2 and "Read-only file system" in one_line(proc)
+
+
+# ---- the rendezvous ------------------------------------------------------------------------------------------
+BUSY = """
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(8)
+print("listening", flush=True)
+conns = []
+while True:
+    conns.append(s.accept()[0])  # accepts, never answers: not rank 0's store
+"""
+
+
+def test_busy_master_port_and_a_peer_that_never_joins(tmp_path):
+    port, lonely = free_port(), free_port()
+    squatter = subprocess.Popen([PY, "-c", BUSY, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert squatter.stdout.readline().strip() == "listening"
+        args = [f"run.dir={tmp_path}", "run.name=x", "dist.timeout_s=5"]
+        env = {"WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1"}
+        t0 = time.time()
+        procs = [launch(TRAIN + args, RANK=r, LOCAL_RANK=r, MASTER_PORT=port, **env) for r in (0, 1)]
+        procs.append(
+            launch(TRAIN + args, RANK=0, LOCAL_RANK=0, MASTER_PORT=lonely, **env)
+        )  # its peer never comes
+        results = [p.communicate(timeout=120) for p in procs]
+        assert time.time() - t0 < 5 + 60
+    finally:
+        squatter.kill()
+    assert [p.returncode for p in procs] == [2, 2, 2], results
+    lines = [[line for line in err.splitlines() if line.strip()] for _, err in results]
+    assert all(len(x) == 1 for x in lines), lines
+    assert "the port is in use by another program" in lines[0][0]
+    assert "got no answer from rank 0's rendezvous" in lines[1][0]
+    assert "did not all meet" in lines[2][0]
+    assert not (tmp_path / "x").exists()
