@@ -166,8 +166,9 @@ def self_test() -> None:
 
 
 def smoke() -> None:
-    """1 epoch on a subset with mid-epoch checkpoints, then a resume: GPU checkpoint loading, the fused
-    optimizer's state, the CUDA random streams; then the same under fp16 (GradScaler, foreach SGD)."""
+    """1 epoch on a subset with mid-epoch checkpoints, then a resume (in deterministic mode): GPU checkpoint
+    loading, the fused optimizer's state, the CUDA random streams, run.deterministic's kernels; then the same
+    under fp16 (GradScaler, foreach SGD)."""
     sub = [] if DRY else ["data.train_subset=8192", "data.test_subset=2000"]
     for prec in ("bf16", "fp16"):
         name = f"smoke_{prec}"
@@ -186,7 +187,10 @@ def smoke() -> None:
         ]
         shutil.rmtree(WORK / "runs" / f"smoke-{prec}", ignore_errors=True)
         c1, o1, _ = run(f"{name}_first", train_cmd(*args, "train.epochs=1"), 150, "smoke.log")
-        c2, o2, _ = run(f"{name}_resume", train_cmd(*args, "train.epochs=2"), 150, "smoke.log")
+        # the resume also runs deterministic kernels only: an op without one on this GPU would raise here
+        c2, o2, _ = run(
+            f"{name}_resume", train_cmd(*args, "train.epochs=2", "run.deterministic=true"), 150, "smoke.log"
+        )
         ok = c1 == 0 and c2 == 0 and "resumed at step" in o2 and len(epoch_lines(o2)) == 1
         acc = last_acc(o2)
         results["steps"][name] = {"ok": ok, "test_acc": acc}

@@ -318,7 +318,7 @@ def main(argv=None) -> int:
         env = distributed.setup(cfg.dist.timeout_s)
     except distributed.LaunchError as e:
         cli.usage_error(str(e))
-    configure_backends(env.device)
+    configure_backends(env.device, cfg.run.deterministic)
     try:
         result = run(cfg, env, args.mode, args.steps, args.warmup, args.workers)
         if env.is_main:

@@ -160,11 +160,14 @@ def set_rng_state(state: dict, gen: torch.Generator) -> bool:
 
 
 def check_model(state: dict, model_cfg: dict) -> None:
-    """Refuse a checkpoint of another model config (its weights would not fit, or mean something else)."""
-    if state["config"]["model"] != model_cfg:
+    """Refuse a checkpoint of another model config (its weights would not fit, or mean something else).
+    model.sync_bn is how BatchNorm is computed, not what the weights are: either way loads."""
+    saved, ours = (
+        {k: v for k, v in m.items() if k != "sync_bn"} for m in (state["config"]["model"], model_cfg)
+    )
+    if saved != ours:
         raise CheckpointError(
-            f"checkpoint model config {state['config']['model']} differs from this run's "
-            f"{model_cfg}: refusing to load it"
+            f"checkpoint model config {saved} differs from this run's {ours}: refusing to load it"
         )
 
 

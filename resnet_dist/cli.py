@@ -15,9 +15,11 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     return parser.parse_intermixed_args(argv)
 
 
-def fail(msg: str, code: int = 1) -> NoReturn:
-    """One line on stderr and exit `code`: 2 for usage, config and launch errors, 1 for run-time failures."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+def fail(msg: str, code: int = 1, quiet: bool = False) -> NoReturn:
+    """One line on stderr and exit `code`: 2 for usage, config and launch errors, 1 for run-time failures.
+    `quiet`: exit without the line (the ranks other than 0, when rank 0 says it for all)."""
+    if not quiet:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 

@@ -44,13 +44,16 @@ class RunConfig:
     dir: str = knob("runs", "parent folder of run directories")
     name: str | None = checked(
         None,
-        "run directory name; null = $SLURM_JOB_ID under SLURM, else a timestamp",
+        "run directory name; null = $SLURM_JOB_ID under SLURM (ARRAYJOB_TASK in a job array), else a timestamp",
         (
             lambda v: v is None or (v not in ("", ".", "..") and "/" not in v and "\\" not in v),
             "must be a plain folder name (no '/', not '..')",
         ),
     )
     seed: int = knob(0, "base random seed (each rank derives its own augmentation stream)")
+    deterministic: bool = knob(
+        False, "deterministic kernels only (torch.use_deterministic_algorithms, cuDNN autotuner off): slower"
+    )
 
 
 @dataclass
@@ -83,12 +86,20 @@ class ModelConfig:
     )
     init: str = knob("xavier", "weight init: xavier (original) or kaiming", choices=("xavier", "kaiming"))
     num_classes: int = checked(10, "output classes", positive)
+    sync_bn: bool = knob(
+        False, "BatchNorm statistics over the whole global batch under DDP (SyncBatchNorm, GPUs)"
+    )
 
 
 @dataclass
 class TrainConfig:
     epochs: int = checked(10, "number of epochs", positive)
     batch_size: int = checked(256, "GLOBAL batch size over all ranks", positive)
+    accum_steps: int = checked(
+        1,
+        "micro-batches per optimizer step on each rank (gradient accumulation); the global batch stays",
+        positive,
+    )
     lr: float = checked(0.05, "peak learning rate", positive)
     momentum: float = checked(0.0, "SGD momentum", fraction)
     nesterov: bool = knob(False, "Nesterov momentum (needs momentum > 0)")
@@ -157,7 +168,7 @@ class WandbConfig:
     )
     project: str = knob("resnet_dist", "W&B project")
     entity: str | None = knob(None, "W&B entity (team or user); null = your default")
-    group: str | None = knob(None, "W&B group; null = $SLURM_JOB_ID, else the run name")
+    group: str | None = knob(None, "W&B group; null = the SLURM (array) job id, else the run name")
     name: str | None = knob(None, "W&B run display name; null = the run name (run directory)")
     tags: list[str] = knob([], "W&B tags, e.g. log.wandb.tags=[baseline,bf16]")
     init_timeout_s: int = checked(
@@ -314,10 +325,22 @@ def check_world(cfg: Config, world_size: int) -> None:
             f"({world_size})"
         )
     per_rank = t.batch_size // world_size
-    if per_rank < 2:
+    if per_rank % t.accum_steps:
         raise ConfigError(
-            f"config key 'train.batch_size' ({t.batch_size}) gives {per_rank} image per rank on {world_size} "
-            "ranks: BatchNorm cannot train on one image; use at least 2 per rank"
+            f"config key 'train.accum_steps' ({t.accum_steps}) must divide the per-rank batch ({t.batch_size} "
+            f"over {world_size} ranks = {per_rank})"
+        )
+    if per_rank // t.accum_steps < 2:
+        where = f"per rank on {world_size} ranks"
+        key = "train.batch_size"
+        if t.accum_steps > 1:
+            where, key = (
+                f"per micro-batch ({per_rank} per rank in {t.accum_steps} micro-batches)",
+                "train.accum_steps",
+            )
+        raise ConfigError(
+            f"config key '{key}' ({getattr(t, key.split('.')[1])}) gives {per_rank // t.accum_steps} image {where}: "
+            "BatchNorm cannot train on one image; use at least 2"
         )
     images = min(cfg.data.train_subset or TRAIN_IMAGES, TRAIN_IMAGES)
     if per_rank > images // world_size:
@@ -365,6 +388,7 @@ REFUSED_ON_RESUME = {
     "train.batch_size": "the epoch's position and the schedule count batches of the checkpoint's size",
 }
 KEPT_ON_RESUME = {"run.seed": "the data order and random streams come from the checkpoint"}
+APPLIED_ON_RESUME = ("model.sync_bn",)  # how BatchNorm is computed, not what the weights are
 NOT_COMPARED = ("run.dir", "run.name", "checkpoint.resume")
 
 
@@ -388,6 +412,8 @@ def resume_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object, 
         if key in NOT_COMPARED or key not in old or old[key] == new[key]:
             continue
         group = next((g for g in REFUSED_ON_RESUME if key == g or key.startswith(g + ".")), None)
+        if key in APPLIED_ON_RESUME:
+            group = None
         if group:
             verdict = f"refused: {REFUSED_ON_RESUME[group]}"
         elif key in KEPT_ON_RESUME:

@@ -38,9 +38,13 @@ class TrainMeter:
         self._mark: float | None = None  # when the clock was last read; None while it is stopped
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """A (micro-)batch's mean loss and predictions: summed per image, on the device."""
         with torch.no_grad():
             correct = (logits.argmax(1) == labels).sum()
             self.sums += torch.stack([loss.detach().double() * len(labels), correct.double()])
+
+    def count_step(self) -> None:
+        """One optimizer step (all its micro-batches added): intervals and images/s count these."""
         self.steps += 1
 
     def _read_clock(self) -> None:

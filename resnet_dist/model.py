@@ -62,6 +62,14 @@ def stem(kind: str) -> nn.Sequential:
     raise ValueError(f"unknown stem {kind!r}")
 
 
+class GlobalAvgPool(nn.Module):
+    """The global average pool, as a mean over H and W: nn.AdaptiveAvgPool2d's CUDA backward has no
+    deterministic kernel, so run.deterministic would stop at it. No parameters: checkpoints are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True)
+
+
 def build_model(cfg) -> nn.Sequential:
     """ResNet-18 for 1-channel images (`cfg` is a ModelConfig)."""
     net = nn.Sequential(
@@ -70,7 +78,7 @@ def build_model(cfg) -> nn.Sequential:
         resnet_block(64, 128, 2),
         resnet_block(128, 256, 2),
         resnet_block(256, 512, 2),
-        nn.AdaptiveAvgPool2d((1, 1)),
+        GlobalAvgPool(),
         nn.Flatten(),
         nn.Linear(512, cfg.num_classes),
     )

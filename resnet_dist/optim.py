@@ -35,9 +35,19 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def configure_backends(device: torch.device) -> None:
-    """cuDNN picks the fastest convolution algorithms for our fixed shapes (a one-off search per shape)."""
-    if device.type == "cuda":
+CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS's fixed workspace: its deterministic mode (CUDA's documentation)
+
+
+def configure_backends(device: torch.device, deterministic: bool = False) -> None:
+    """Fast: cuDNN picks the fastest convolution algorithms for our fixed shapes (a one-off search per
+    shape). Deterministic (run.deterministic): only deterministic kernels (an op without one raises), no
+    autotuner; the entry points set CUBLAS_WORKSPACE_CONFIG before CUDA starts."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
 

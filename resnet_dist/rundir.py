@@ -20,12 +20,12 @@ class RunDirError(RuntimeError):
 
 
 def run_name(cfg, env=os.environ) -> str:
-    """`run.name`, else the SLURM job id (a requeued job keeps it), else a timestamp. A worker group that
+    """`run.name`, else the SLURM job id (ARRAYJOBID_TASKID in an array; a requeued job keeps it), else a timestamp. A worker group that
     torchrun restarted (--max-restarts) finds the directory its first attempt made, by torchrun's run id."""
     if cfg.run.name:
         return cfg.run.name
-    if env.get("SLURM_JOB_ID"):
-        return env["SLURM_JOB_ID"]
+    if slurm_job_name(env):
+        return slurm_job_name(env)
     torchrun_id = env.get("TORCHELASTIC_RUN_ID", "none")
     if torchrun_id != "none" and int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         marks = Path(cfg.run.dir).glob(f"*/{TORCHRUN_MARK}")
@@ -34,6 +34,14 @@ def run_name(cfg, env=os.environ) -> str:
                 return mark.parent.name
     # a random suffix: two runs started in the same second never share (and resume) a directory
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+
+
+def slurm_job_name(env=os.environ) -> str | None:
+    """This job's SLURM id as scontrol takes it: the job id, or ARRAYJOBID_TASKID for a task of a job array
+    (each task is a job of its own, with its own directory and its own requeue); None outside SLURM."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or None
 
 
 def check_writable(run_dir: Path) -> None:

@@ -12,13 +12,14 @@ from pathlib import Path
 from . import checkpoint, cli, config, distributed, rundir, wandb_logger
 from .data import DataError, load_splits
 from .metrics import ConsoleLogger, JsonlLogger, MetricsError, MultiLogger, NullLogger, truncate_jsonl
-from .optim import configure_backends
+from .optim import CUBLAS_DETERMINISTIC, configure_backends
 from .trainer import Diverged, Outcome, Trainer
 
 
 def requeue_slurm_job(env=os.environ) -> None:
-    """Rank 0 puts its own job back in the queue; it resumes from the run directory named after the job."""
-    job = env.get("SLURM_JOB_ID")
+    """Rank 0 puts its own job back in the queue; it resumes from the run directory named after the job.
+    In a job array that is this task alone (ARRAYJOB_TASK), not the whole array."""
+    job = rundir.slurm_job_name(env)
     if not job:
         return
     try:
@@ -142,10 +143,20 @@ def main(argv=None) -> int:
         print(config.to_yaml(cfg), end="")
         return 0
 
+    if cfg.run.deterministic:  # read by cuBLAS when CUDA starts: before setup() touches the GPU
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     try:
         env = distributed.setup(cfg.dist.timeout_s)
     except distributed.LaunchError as e:  # a launch mistake: one line, exit 2, before anything is created
         cli.usage_error(str(e))
+    if cfg.model.sync_bn and env.distributed and env.device.type != "cuda":
+        distributed.teardown()
+        cli.fail(
+            "model.sync_bn=true needs GPUs: PyTorch's SyncBatchNorm runs on CUDA only (this run is on "
+            "CPU); set model.sync_bn=false",
+            2,
+            quiet=not env.is_main,
+        )
     if env.is_main:
         for warning in env.warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
@@ -163,7 +174,7 @@ def main(argv=None) -> int:
             logger = MultiLogger(
                 ConsoleLogger(), JsonlLogger(run_dir / "metrics.jsonl"), *([wb] if wb else [])
             )
-        configure_backends(env.device)
+        configure_backends(env.device, cfg.run.deterministic)
         data = load_splits(cfg.data, env.device)
         # every checkpoint carries the W&B run id: a resumed or requeued job continues the same W&B run
         preemption = distributed.Preemption(env).install()
@@ -176,7 +187,10 @@ def main(argv=None) -> int:
             print(
                 f"resnet_dist: launcher={env.launcher} world_size={env.world_size} nodes={env.num_nodes} "
                 f"backend={env.backend or 'none'} device={env.device} precision={trainer.precision} "
-                f"run_dir={run_dir} "
+                + ("deterministic=on " if cfg.run.deterministic else "")
+                + ("sync_bn=on " if cfg.model.sync_bn and env.distributed else "")
+                + (f"accum_steps={cfg.train.accum_steps} " if cfg.train.accum_steps > 1 else "")
+                + f"run_dir={run_dir} "
                 + (f"resumed at step {trainer.global_step}" if state else "fresh start"),
                 flush=True,
             )

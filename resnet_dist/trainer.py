@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -71,6 +72,8 @@ class Trainer:
         self.gen = torch.Generator(device=dev).manual_seed(augment_seed(cfg.run.seed, env.rank))
         self.memory_format = memory_format(dev, t.channels_last)
         self.model = build_model(cfg.model).to(dev, memory_format=self.memory_format)
+        if cfg.model.sync_bn and env.distributed:  # BatchNorm over the global batch (CUDA only, see train.py)
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.ddp = wrap_ddp(self.model, env, cfg.dist.bucket_mb, cfg.dist.grad_compression)
         self.train_model = self.ddp or self.model
         if t.compile:
@@ -92,19 +95,25 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x.contiguous(memory_format=self.memory_format)
-        with self.autocast:
-            out = self.train_model(x)
-            loss = self.loss_fn(out, y)
+        """One optimizer step on this rank's share of the global batch, in `train.accum_steps` micro-batches."""
+        n = self.cfg.train.accum_steps
         # under DDP the gradients are views into its buckets (gradient_as_bucket_view): zero them in place,
         # or autograd allocates new ones each step and DDP copies them back into the buckets
         self.optimizer.zero_grad(set_to_none=self.ddp is None)
-        self.scaler.scale(loss).backward()  # DDP all-reduces gradients bucket by bucket during backward
+        for i, (xm, ym) in enumerate(zip(x.chunk(n), y.chunk(n))):
+            # gradients are all-reduced once, with the last micro-batch: the others only accumulate locally
+            with self.ddp.no_sync() if self.ddp and i < n - 1 else nullcontext():
+                with self.autocast:
+                    out = self.train_model(xm.contiguous(memory_format=self.memory_format))
+                    loss = self.loss_fn(out, ym)
+                # each micro-batch's mean loss weighs 1/n: the summed gradients are the global batch's mean
+                self.scaler.scale(loss / n).backward()  # DDP all-reduces bucket by bucket during the last one
+            self.meter.add(loss, out, ym)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.ema.update(self.model)
-        self.meter.add(loss, out, y)
+        self.meter.count_step()
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> Outcome:

@@ -114,7 +114,8 @@ def start(cfg, run_dir: Path, run_name: str, run_id: str | None = None, env=os.e
         dir=str(run_dir),
         project=w.project,
         entity=w.entity,
-        group=w.group or env.get("SLURM_JOB_ID") or run_name,
+        # a job array (a sweep) is one group; a plain job its own
+        group=w.group or env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID") or run_name,
         name=w.name or run_name,
         tags=list(w.tags) or None,
         config=cfg.to_dict(),

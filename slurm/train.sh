@@ -14,6 +14,12 @@
 # itself runs unchanged (gloo instead of NCCL, chosen by the trainer):
 #   sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 slurm/train.sh
 #
+# A sweep is a job array: each task trains in its own run directory (ARRAYJOBID_TASKID) and a preempted
+# task requeues itself alone. {task} in an argument becomes the task id, {task:a,b,c} its item of a list:
+#   sbatch --array=0-3 slurm/train.sh 'run.seed={task}'
+#   sbatch --array=0-3 slurm/train.sh 'train.lr={task:0.05,0.1,0.2,0.4}'
+# (quote the argument; --output defaults to logs/%x-%j.out, use logs/%x-%A_%a.out for one log per task.)
+#
 # logs/ must exist before submitting: SLURM does not create it, and a job whose output file cannot
 # be opened fails at launch without writing a line anywhere.
 #
@@ -61,7 +67,8 @@ source "$REPO/launch/common.sh"
 CPUS=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS}
 
-echo "job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?} (restart ${SLURM_RESTART_COUNT:-0}): $PYTHON -m resnet_dist.train --config $CONFIG $*"
+task_args "$@"   # job arrays: {task} and {task:a,b,c} in the arguments (see below)
+echo "job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?} (restart ${SLURM_RESTART_COUNT:-0}): $PYTHON -m resnet_dist.train --config $CONFIG ${TASK_ARGS[*]}"
 # --cpus-per-task is passed on explicitly: since slurm 22.05 srun does not inherit it from sbatch.
 # --kill-on-bad-exit: when one rank fails, stop the others instead of leaving them in a collective.
-srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS" "$PYTHON" -m resnet_dist.train --config "$CONFIG" "$@"
+srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS" "$PYTHON" -m resnet_dist.train --config "$CONFIG" "${TASK_ARGS[@]}"

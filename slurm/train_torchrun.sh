@@ -45,6 +45,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS / NPROC_PER_NODE > 0 ? CPUS /
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 PORT=${RDZV_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
 
+task_args "$@"   # job arrays: {task} and {task:a,b,c} in the arguments (see slurm/train.sh)
 echo "job $SLURM_JOB_ID on $SLURM_JOB_NODELIST (restart ${SLURM_RESTART_COUNT:-0}): torchrun x $SLURM_NNODES nodes x $NPROC_PER_NODE, rendezvous $HEAD:$PORT"
 # --kill-on-bad-exit: when one agent fails, stop the others instead of leaving them waiting.
 # `trap '' USR1`: SLURM signals every process of the step, agents and workers alike. The workers
@@ -56,4 +57,4 @@ srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per
   "$PYTHON" -m torch.distributed.run \
     --nnodes="$SLURM_NNODES" --nproc-per-node="$NPROC_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$HEAD:$PORT" --rdzv-id="$SLURM_JOB_ID" \
-    -m resnet_dist.train --config "$CONFIG" "$@"
+    -m resnet_dist.train --config "$CONFIG" "${TASK_ARGS[@]}"

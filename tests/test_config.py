@@ -68,6 +68,11 @@ def test_dotted_keys_inside_yaml_and_sections(tmp_path):
         ("run.name=..", "run.name"),
         ("train.batch_size=1", "BatchNorm cannot train on one image"),
         ("data.train_subset=100", "needs 256 training images per rank"),
+        ("train.accum_steps=3", "'train.accum_steps' (3) must divide the per-rank batch"),
+        ("train.accum_steps=0", "train.accum_steps"),
+        ("train.accum_steps=256", "'train.accum_steps' (256) gives 1 image per micro-batch"),
+        ("run.deterministic=maybe", "run.deterministic"),
+        ("model.sync_bn=2", "model.sync_bn"),
     ],
 )
 def test_each_bad_value_names_its_key(override, words):

@@ -4,7 +4,10 @@ The SLURM side (sbatch, srun, requeue, torchrun inside an allocation) is in test
 """
 
 import os
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,3 +326,51 @@ def test_accelerate_config_files_load(name, processes, precision):
         precision,
         False,
     )
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (torchrun starts its workers in sessions of their own)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def test_losing_a_node_keeps_the_run(tmp_path, data_root):
+    """Elastic: two agents (torchrun --nnodes=1:2 --max-restarts=3, c10d rendezvous), one process each. The
+    second agent and its worker are SIGKILLed mid-epoch: the first agent's worker restarts alone, resumes from
+    the newest checkpoint at world size 1 with the same global batch, and finishes; nothing logged twice."""
+    port = free_port()
+    cmd = ["bash", "launch/torchrun_multinode.sh", "--nnodes", "1:2", "--rdzv", f"127.0.0.1:{port}"]
+    cmd += ["--nproc", "1", "--max-restarts", "3", "--rdzv-conf", "last_call_timeout=5"]
+    args = small_run(
+        data_root, tmp_path, "el", "checkpoint.every_steps=2", "log.every_steps=1", "data.test_subset=200"
+    )
+    out = subprocess.PIPE
+    host = subprocess.Popen(cmd + args, cwd=REPO, env=clean_env(), text=True, stdout=out, stderr=out)
+    time.sleep(
+        0.5
+    )  # the first agent hosts the rendezvous store, so it must be the survivor; both join round 0
+    node = subprocess.Popen(
+        cmd + args, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )  # bash execs torchrun: node.pid is the agent
+    ckpt = tmp_path / "el" / "checkpoints" / "step-00000010.pt"  # in epoch 1, after epoch 0 on 2 ranks
+    deadline = time.time() + 180
+    while not ckpt.exists():
+        assert host.poll() is None and node.poll() is None and time.time() < deadline, host.communicate()
+        time.sleep(0.05)
+    for pid in [node.pid, *children(node.pid)]:  # the node is gone: its agent and its worker
+        os.kill(pid, signal.SIGKILL)
+    node.wait()
+    _, err = host.communicate(timeout=300)
+    assert host.returncode == 0, err[-3000:]
+    records = read_metrics(tmp_path / "el")
+    ep = epochs(records)
+    assert [(r["epoch"], r["world_size"]) for r in ep] == [(0, 2), (1, 1)]  # the same global batch on 1 rank
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    assert steps == list(range(1, 17))  # 8 steps per epoch at any world size; nothing twice, nothing lost

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from resnet_dist import distributed
 
@@ -172,4 +173,46 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path, data_root):
     assert f"resumed at step {saved.group(1)}" in log and int(saved.group(1)) < 16, log
     check_epochs(tmp_path / job, world_size=2, n_epochs=2)
     steps = [r["step"] for r in read_metrics(tmp_path / job) if r.get("kind") == "step"]
+    assert steps == list(range(1, 17))  # nothing lost, nothing twice
+
+
+def test_job_array_tasks_train_apart_and_a_preempted_task_requeues_alone(slurm_cluster, tmp_path, data_root):
+    """sbatch --array=0-1: two run directories (ARRAYJOB_TASK), {task} filled in per task; USR1 to task 1
+    requeues task 1 alone, which resumes and finishes."""
+    array = submit(
+        slurm_cluster,
+        tmp_path,
+        "slurm/train.sh",
+        "--array=0-1",
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        f"--output={tmp_path}/%x-%A_%a.out",
+        train_args=job_args(
+            data_root,
+            tmp_path,
+            "data.train_subset=512",
+            "train.epochs=2",
+            "log.every_steps=1",
+            "run.seed={task}",
+        ),
+    )
+    metrics = tmp_path / f"{array}_1" / "metrics.jsonl"
+    slurm_cluster.wait(
+        f"{array}_1",
+        120,
+        until=lambda j: (
+            j.get("JobState") in TERMINAL or (metrics.exists() and '"kind": "step"' in metrics.read_text())
+        ),
+    )
+    slurm_cluster.run("scancel", "--signal=USR1", f"{array}_1")
+    infos = [slurm_cluster.wait(f"{array}_{t}", 240) for t in (0, 1)]
+    logs = ["".join(p.read_text() for p in tmp_path.glob(f"*-{array}_{t}.out")) for t in (0, 1)]
+    assert [i["JobState"] for i in infos] == ["COMPLETED", "COMPLETED"], logs
+    assert [i["Restarts"] for i in infos] == ["0", "1"], logs
+    assert f"requeued SLURM job {array}_1" in logs[1] and "requeued" not in logs[0]
+    for t in (0, 1):
+        run_dir = tmp_path / f"{array}_{t}"
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["seed"] == t
+        check_epochs(run_dir, world_size=1, n_epochs=2)
+    steps = [r["step"] for r in read_metrics(tmp_path / f"{array}_1") if r.get("kind") == "step"]
     assert steps == list(range(1, 17))  # nothing lost, nothing twice

@@ -163,3 +163,41 @@ def test_small_per_rank_batch_warns_on_gpus_only():
     assert small_batch_warning(torch.device("cpu"), 32, 2) is None
     assert small_batch_warning(torch.device("cuda"), 128, 4) is None
     assert "64 images per rank" in small_batch_warning(torch.device("cuda"), 64, 8)
+
+
+def test_deterministic_runs_repeat_exactly_with_accumulation(tmp_path, data_root):
+    """run.deterministic=true twice (with gradient accumulation): the same metrics.jsonl, timing aside."""
+    records = []
+    for name in ("d1", "d2"):
+        proc = run(
+            [
+                PY,
+                "-m",
+                "resnet_dist.train",
+                *small_run(
+                    data_root,
+                    tmp_path,
+                    name,
+                    "run.deterministic=true",
+                    "train.accum_steps=2",
+                    "train.epochs=1",
+                    "data.flip=true",
+                    "data.erasing=0.3",
+                ),
+            ]
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "deterministic=on accum_steps=2 " in proc.stdout.splitlines()[0]
+        records.append(
+            [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(tmp_path / name)]
+        )
+    assert records[0] == records[1] and len(records[0]) == 4  # steps 3, 6, 8 and the epoch
+
+
+def test_sync_bn_on_cpu_ranks_is_one_line(tmp_path, data_root):
+    proc = run(torchrun(2) + small_run(data_root, tmp_path, "s", "model.sync_bn=true"), timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: model.sync_bn=true needs GPUs") == 1, proc.stderr[
+        -2000:
+    ]  # rank 0 says it
+    assert not (tmp_path / "s").exists()

@@ -3,6 +3,7 @@ devices, the checkpoint cadence, torch.compile's fallback, DDP's in-place gradie
 
 import collections
 import math
+import os
 import time
 
 import pytest
@@ -306,12 +307,14 @@ def test_a_resumed_interval_keeps_its_time(tmp_path):
     a = TrainMeter(torch.device("cpu"), global_batch=16)
     a.start_clock()
     a.add(torch.tensor(1.0), torch.zeros(16, 10), torch.zeros(16, dtype=torch.long))
+    a.count_step()
     time.sleep(0.2)
     state = a.state_dict()
     b = TrainMeter(torch.device("cpu"), global_batch=16)
     b.load_state_dict(state, is_main=True)
     b.start_clock()
     b.add(torch.tensor(1.0), torch.zeros(16, 10), torch.zeros(16, dtype=torch.long))
+    b.count_step()
     assert state["interval_time"] >= 0.2
     assert b.flush()["images_per_s"] <= 32 / 0.2  # 2 steps of 16 in at least 0.2 s
 
@@ -333,3 +336,113 @@ def test_tiny_epochs_do_not_write_a_checkpoint_each(tmp_path, monkeypatch):
     assert trainer.fit() is Outcome.DONE
     saved = [int(p.name[5:13]) for p in checkpoint.step_files(tmp_path / "s" / "checkpoints")]
     assert sorted(saved) == [4, 24]  # the first epoch (nothing measured yet) and the last
+
+
+# ---- gradient accumulation ---------------------------------------------------------------------------------
+def _one_step_on_my_half(env, x, y):
+    """2 ranks, no accumulation: rank r trains on half r of the batch."""
+    cfg = load_config(None, ["run.dir=/nonexistent", *SYNTH, "train.batch_size=16"], world_size=2)
+    trainer = Trainer(cfg, env, synthetic())
+    half = slice(8 * env.rank, 8 * (env.rank + 1))
+    trainer.train_step(x[half], y[half])
+    return {k: v.numpy().copy() for k, v in trainer.model.state_dict().items()}  # by value through the queue
+
+
+def test_accumulation_equals_ranks():
+    """One optimizer step of 1 rank with accum_steps=2 = 2 gloo ranks on the same two micro-batches."""
+    data = synthetic(n_train=16)
+    x, y = data.train_x.float().div(255).sub(0.286).div(0.353), data.train_y
+    two_ranks = {k: torch.from_numpy(v) for k, v in in_gloo_group(_one_step_on_my_half, 2, x, y)[0].items()}
+    cfg = load_config(
+        None, ["run.dir=/nonexistent", *SYNTH, "train.batch_size=16", "train.accum_steps=2"], world_size=1
+    )
+    one = Trainer(cfg, CPU_ENV, data)
+    one.train_step(x, y)
+    params = dict(one.model.named_parameters())
+    for name in params:
+        assert torch.allclose(params[name], two_ranks[name], atol=1e-5, rtol=1e-5), name  # float noise
+    # and not by accident: the same batch without accumulation (BatchNorm over 16) takes another step
+    plain = Trainer(
+        load_config(None, ["run.dir=/nonexistent", *SYNTH, "train.batch_size=16"], world_size=1),
+        CPU_ENV,
+        data,
+    )
+    plain.train_step(x, y)
+    assert not all(torch.allclose(p, two_ranks[n], atol=1e-5) for n, p in plain.model.named_parameters())
+
+
+def test_resume_is_exact_with_accumulation(tmp_path):
+    args = [
+        f"run.dir={tmp_path}",
+        *SYNTH,
+        "train.accum_steps=2",
+        "data.flip=true",
+        "data.erasing=0.3",
+        "train.epochs=2",
+    ]
+    cfg = load_config(None, [*args, "run.name=whole"], world_size=1)
+    whole = Recorder()
+    assert Trainer(cfg, CPU_ENV, synthetic(), tmp_path / "whole", whole).fit() is Outcome.DONE
+
+    cfg = load_config(None, [*args, "run.name=cut"], world_size=1)
+    preemption = Preemption(CPU_ENV)
+    first = Recorder(preemption, at_step=3)  # a signal in the middle of an epoch (and of no accumulation)
+    assert Trainer(cfg, CPU_ENV, synthetic(), tmp_path / "cut", first, preemption).fit() is Outcome.PREEMPTED
+    second = Recorder()
+    resumed = Trainer(cfg, CPU_ENV, synthetic(), tmp_path / "cut", second)
+    resumed.load_state_dict(checkpoint.load(tmp_path / "cut" / "checkpoints" / "last.pt"))
+    assert resumed.fit() is Outcome.DONE
+
+    def values(records):
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
+
+    assert values(first.records + second.records) == values(whole.records)
+
+
+# ---- SyncBatchNorm, determinism -----------------------------------------------------------------------------
+def test_sync_bn_checkpoints_load_either_way():
+    """PyTorch's SyncBatchNorm runs on CUDA only (CPU: "SyncBatchNorm expected input tensor to be on GPU"), so
+    the 2-rank equivalence is for the GPU; here: the conversion, and checkpoints in both directions."""
+    from resnet_dist.config import ModelConfig
+    from resnet_dist.model import build_model
+
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig())
+    with torch.no_grad():
+        plain(torch.randn(8, 1, 28, 28))  # BatchNorm statistics worth carrying
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model(ModelConfig()))
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == 17
+    assert not any(
+        isinstance(m, torch.nn.BatchNorm2d) and not isinstance(m, torch.nn.SyncBatchNorm)
+        for m in synced.modules()
+    )
+    synced.load_state_dict(plain.state_dict())
+    back = build_model(ModelConfig())
+    back.load_state_dict(synced.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), plain.eval()(x)) and torch.equal(synced.eval()(x), plain(x))
+    # a checkpoint of either kind passes the model check of a run of the other kind
+    state = {"config": {"model": {**ModelConfig().__dict__, "sync_bn": True}}}
+    checkpoint.check_model(state, {**ModelConfig().__dict__, "sync_bn": False})
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.check_model(state, {**ModelConfig().__dict__, "stem": "cifar"})
+
+
+def test_deterministic_mode_sets_every_switch(monkeypatch):
+    from resnet_dist.optim import configure_backends
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
+    try:
+        configure_backends(torch.device("cuda"), deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1:]
