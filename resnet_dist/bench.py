@@ -15,7 +15,6 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,90 +24,8 @@ from . import cli, config, distributed
 from .data import MEAN, STD, load_split, load_splits, normalize, prepare
 from .model import build_model, memory_format
 from .optim import autocast_for, configure_backends, make_optimizer, resolve_precision
+from .perf import Clock, matmul_ceiling_tflops, peak_tflops, train_flops_per_image
 from .trainer import Trainer
-
-# Dense peak TFLOP/s per GPU, from the vendor datasheets (the 2:4-sparsity figures halved):
-# (bf16/fp16 tensor cores, TF32 tensor cores, plain FP32). Keyed by the exact name CUDA reports: substrings
-# would confuse H100 SXM / PCIe / NVL, or L4 / L40 / L40S. An unknown name gets no datasheet MFU; the
-# utilisation against the measured bf16 matrix product (`matmul_ceiling_tflops`) is reported on every GPU.
-_H100_SXM, _H100_NVL, _A100 = (989.4, 494.7, 66.9), (835.5, 417.5, 60.0), (312.0, 156.0, 19.5)
-PEAK_TFLOPS = {
-    "NVIDIA H100 80GB HBM3": _H100_SXM,
-    "NVIDIA H100 PCIe": (756.5, 378.0, 51.2),
-    "NVIDIA H100 NVL": _H100_NVL,
-    "NVIDIA H200": _H100_SXM,
-    "NVIDIA H200 NVL": _H100_NVL,
-    "NVIDIA A100-SXM4-80GB": _A100,
-    "NVIDIA A100-SXM4-40GB": _A100,
-    "NVIDIA A100-PCIE-40GB": _A100,
-    "NVIDIA A100 80GB PCIe": _A100,
-    "NVIDIA L40S": (362.0, 183.0, 91.6),
-    "NVIDIA L40": (181.0, 90.5, 90.5),
-    "NVIDIA L4": (121.0, 60.0, 30.3),
-    "NVIDIA A10": (125.0, 62.5, 31.2),
-    "NVIDIA GeForce RTX 4090": (165.2, 82.6, 82.6),
-    "Tesla V100-SXM2-16GB": (125.0, None, 15.7),
-    "Tesla V100-SXM2-32GB": (125.0, None, 15.7),
-    "Tesla V100-PCIE-16GB": (112.0, None, 14.0),
-    "Tesla V100-PCIE-32GB": (112.0, None, 14.0),
-}
-
-
-def peak_tflops(name: str | None, precision: str, tf32: bool) -> float | None:
-    """The datasheet peak for this GPU and precision. "fp32" convolutions run on TF32 tensor cores when
-    cuDNN allows it (PyTorch's default on Ampere and newer): then the TF32 peak is the honest one."""
-    if name not in PEAK_TFLOPS:
-        return None
-    half, tf32_peak, single = PEAK_TFLOPS[name]
-    if precision in ("bf16", "fp16"):
-        return half
-    return tf32_peak if tf32 and tf32_peak else single
-
-
-def matmul_ceiling_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
-    """TFLOP/s of a large bf16 matrix product on this device, now: the most this chip will do for us."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    clock = Clock(device)
-    for _ in range(3):
-        a @ b
-    start = clock.mark()
-    for _ in range(iters):
-        a @ b
-    secs = clock.seconds(start, clock.mark())
-    return 2 * n**3 * iters / secs / 1e12
-
-
-def train_flops_per_image(cfg: config.Config) -> float:
-    """FLOPs of one training step (forward + backward) per image, counted on the model itself."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = build_model(cfg.model)
-    size = cfg.data.resize or 28
-    x = torch.randn(2, 1, size, size)
-    with FlopCounterMode(display=False) as counter:
-        model(x).sum().backward()
-    return counter.get_total_flops() / 2
-
-
-class Clock:
-    """Marks on the device timeline (CUDA events) or the host clock (CPU); read once at the end."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def seconds(self, a, b) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return a.elapsed_time(b) / 1000
-        return b - a
 
 
 def bare_step_fn(cfg, env, precision):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -134,6 +135,14 @@ class DistConfig:
     bucket_mb: int = checked(
         25, "DDP gradient bucket size in MiB (ResNet-18 has ~45 MB of fp32 gradients)", positive
     )
+    debug_delay: str = checked(
+        "",
+        "RANK:SECONDS: that rank sleeps this long before each forward pass, a simulated straggler (testing)",
+        (
+            lambda v: v == "" or re.fullmatch(r"\d+:\d+(\.\d*)?", v) is not None,
+            "must be RANK:SECONDS or empty",
+        ),
+    )
     grad_compression: str = knob(
         "none", "DDP communication hook: none, or bf16 (halves all-reduce bytes)", choices=("none", "bf16")
     )
@@ -183,6 +192,17 @@ class LogConfig:
         "auto",
         "auto (tqdm bar on a terminal, a line per epoch otherwise), bar, lines",
         choices=("auto", "bar", "lines"),
+    )
+    profile: str | None = checked(
+        None,
+        "SKIP:RECORD: torch.profiler traces of RECORD steps after SKIP, on every rank, in <run dir>/profile/",
+        (
+            lambda v: v is None or re.fullmatch(r"\d+:[1-9]\d*", v) is not None,
+            "must be SKIP:RECORD (RECORD >= 1)",
+        ),
+    )
+    tensorboard: bool = knob(
+        False, "rank 0 also writes the scalars and confusion matrices to <run dir>/tensorboard/"
     )
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

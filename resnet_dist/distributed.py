@@ -395,6 +395,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-d tensor `t`, as the rows of a [world_size, len(t)] tensor (one row for one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t[None]
+    rows = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, t)
+    return torch.stack(rows)
+
+
 def broadcast_object(obj, src: int = 0):
     if dist.is_available() and dist.is_initialized():
         box = [obj]
@@ -425,11 +434,19 @@ def barrier() -> None:
 
 def wrap_ddp(model: torch.nn.Module, env: DistEnv, bucket_mb: int, compression: str):
     """The model under DDP (None for one process). gradient_as_bucket_view: the gradients live in DDP's
-    buckets, saving a copy per step; the bf16 hook all-reduces bf16 copies of them, half the bytes."""
+    buckets, saving a copy per step; the bf16 hook all-reduces bf16 copies of them, half the bytes.
+
+    broadcast_buffers=False: DDP would otherwise broadcast rank 0's BatchNorm statistics at the start of
+    every forward pass, a collective in each step that only overwrites the other ranks' copies. Training
+    never reads them (it normalises with the batch's statistics); evaluation and checkpoints use rank 0's
+    (`broadcast_buffers` below, before each evaluation), which that broadcast leaves as they are. Without
+    it the forward pass is each rank's own work, which the training log's straggler figures time."""
     if not env.distributed:
         return None
     ids = [env.device] if env.device.type == "cuda" else None
-    ddp = DDP(model, device_ids=ids, gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb)
+    ddp = DDP(
+        model, device_ids=ids, gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb, broadcast_buffers=False
+    )
     if compression == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 

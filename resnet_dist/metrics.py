@@ -13,35 +13,42 @@ from pathlib import Path
 
 import torch
 
-from .distributed import all_reduce_sum
+from .distributed import all_gather_rows, all_reduce_sum
+from .perf import Clock
 
 
 class TrainMeter:
-    """Training loss and accuracy, and the training clock, from step to log interval to epoch.
+    """Training loss and accuracy, the training clock, and each rank's own compute time, from step to log
+    interval to epoch.
 
-    `add()` keeps each step's (loss sum, correct) on the device: no host sync per step. `flush()` sums the
-    interval over ranks, the interval's one collective and host sync. The clock counts training time only:
-    evaluation and checkpoints run inside `with meter.paused():`.
+    `add()` keeps each step's (loss sum, correct) on the device: no host sync per step. `flush()` gathers the
+    interval from all ranks in one collective (the interval's one host sync): the sums, and each rank's
+    forward-pass time, the part of a step in which no rank waits for another (DDP's gradient all-reduce
+    makes every rank's step as slow as the slowest), so that a straggler shows. The clock counts training
+    time only: evaluation and checkpoints run inside `with meter.paused():`.
     """
 
     def __init__(self, device: torch.device, global_batch: int):
         self.global_batch = global_batch  # images per step over all ranks
         self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's open interval
         self.steps = 0  # steps in the open interval
-        self.epoch_sums = [
-            0.0,
-            0.0,
-            0,
-        ]  # loss sum, correct, images of the epoch so far: already over all ranks
+        # loss sum, correct, images of the epoch so far: already over all ranks
+        self.epoch_sums = [0.0, 0.0, 0]
         self.epoch_s = self.interval_s = 0.0  # training seconds of the epoch / of the open interval
         self.train_s = 0.0  # training seconds of this process, all epochs
         self._mark: float | None = None  # when the clock was last read; None while it is stopped
+        self.device_clock = Clock(device)  # CUDA events on GPUs: no sync until the flush
+        self.busy: list[tuple] = []  # (start, end) marks of this rank's forward passes in the open interval
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """A (micro-)batch's mean loss and predictions: summed per image, on the device."""
         with torch.no_grad():
             correct = (logits.argmax(1) == labels).sum()
             self.sums += torch.stack([loss.detach().double() * len(labels), correct.double()])
+
+    def busy_since(self, start) -> None:
+        """This rank worked alone from `start` (a device_clock mark) until now."""
+        self.busy.append((start, self.device_clock.mark()))
 
     def count_step(self) -> None:
         """One optimizer step (all its micro-batches added): intervals and images/s count these."""
@@ -66,8 +73,13 @@ class TrainMeter:
             self._mark = time.perf_counter()
 
     def flush(self) -> dict:
-        """Sum the open interval over ranks and close it: its loss, accuracy, images and images/s."""
-        loss_sum, correct = all_reduce_sum(self.sums).tolist()
+        """Gather the open interval from all ranks and close it: loss, accuracy and images/s over all ranks,
+        the slowest and fastest rank's forward time, and their ratio (time/straggler)."""
+        busy = sum(self.device_clock.seconds(a, b) for a, b in self.busy)
+        busy_t = torch.tensor([busy], dtype=torch.float64, device=self.sums.device)
+        rows = all_gather_rows(torch.cat([self.sums, busy_t])).tolist()  # [rank][loss sum, correct, busy]
+        loss_sum, correct = sum(r[0] for r in rows), sum(r[1] for r in rows)
+        slowest, fastest = max(r[2] for r in rows), min(r[2] for r in rows)
         self._read_clock()  # after the sync: the device has finished the interval's work
         n = self.steps * self.global_batch
         self.epoch_sums = [
@@ -79,11 +91,14 @@ class TrainMeter:
             "train/loss": loss_sum / n,
             "train/acc": correct / n,
             "images_per_s": n / self.interval_s if self.interval_s > 0 else 0.0,
+            "time/slowest_s": slowest,
+            "time/fastest_s": fastest,
+            "time/straggler": slowest / fastest if fastest > 0 else 1.0,
         }
         self.epoch_s += self.interval_s
         self.train_s += self.interval_s
         self.sums.zero_()
-        self.steps, self.interval_s = 0, 0.0
+        self.steps, self.interval_s, self.busy = 0, 0.0, []
         return interval
 
     def end_epoch(self) -> dict:
@@ -124,6 +139,28 @@ class EpochMedia:
     epoch: int
     confusion: list[list[int]]
     misclassified: list[tuple] = field(default_factory=list)
+
+
+# The scalars of a record, by the name a logger shows them under: an epoch record's train figures are the
+# epoch's means, logged at the same step as the last interval's: they get their own names.
+EPOCH_NAMES = {
+    "train/loss": "train/epoch_loss",
+    "train/acc": "train/epoch_acc",
+    "images_per_s": "epoch_images_per_s",
+    "lr": None,
+}
+NOT_SCALARS = ("kind", "step")
+
+
+def scalars(record: dict) -> dict:
+    """{name: value} of a step or epoch record, for W&B and TensorBoard (metrics.jsonl keeps the record)."""
+    names = EPOCH_NAMES if record.get("kind") == "epoch" else {}
+    out = {}
+    for key, value in record.items():
+        name = names.get(key, key)
+        if name and key not in NOT_SCALARS:
+            out[name] = value
+    return out
 
 
 class NullLogger:

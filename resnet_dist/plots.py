@@ -54,7 +54,12 @@ def plot_curves(records: list[dict], out: Path) -> Path:
 
 
 def plot_confusion(confusion: list[list[int]], out: Path, title: str = "test confusion matrix") -> Path:
-    """Counts, rows = true class, columns = predicted class; each cell annotated."""
+    """Counts, rows = true class, columns = predicted class; each cell annotated; as a PNG file."""
+    return _save(confusion_figure(confusion, title), out)
+
+
+def confusion_figure(confusion: list[list[int]], title: str = "test confusion matrix"):
+    """The confusion-matrix figure (matplotlib), for a PNG or a logger."""
     n = len(confusion)
     names = CLASSES[:n] if n <= len(CLASSES) else [str(i) for i in range(n)]
     fig, ax = plt.subplots(figsize=(8, 7), constrained_layout=True)
@@ -74,7 +79,7 @@ def plot_confusion(confusion: list[list[int]], out: Path, title: str = "test con
     correct = sum(confusion[i][i] for i in range(n))
     ax.set_title(f"{title}: {correct}/{total} correct ({correct / max(total, 1):.4f})")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return _save(fig, out)
+    return fig
 
 
 def _save(fig, out: Path) -> Path:

@@ -9,10 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, cli, config, distributed, rundir, wandb_logger
+from . import checkpoint, cli, config, distributed, rundir, tensorboard_logger, wandb_logger
 from .data import DataError, load_splits
 from .metrics import ConsoleLogger, JsonlLogger, MetricsError, MultiLogger, NullLogger, truncate_jsonl
 from .optim import CUBLAS_DETERMINISTIC, configure_backends
+from .profiling import NoProfiler, StepProfiler
 from .trainer import Diverged, Outcome, Trainer
 
 
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     if env.is_main:
         for warning in env.warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
-    logger, lock, training = NullLogger(), None, False
+    logger, lock, training, profiler = NullLogger(), None, False, NoProfiler()
     try:
         run_dir = Path(cfg.run.dir) / distributed.broadcast_object(rundir.run_name(cfg))
         lock, state = open_run(cfg, env, run_dir)
@@ -171,16 +172,18 @@ def main(argv=None) -> int:
         if env.is_main:
             # W&B continues the checkpoint's run (same id, its steps go on); None when W&B is off
             wb = wandb_logger.start(cfg, run_dir, run_dir.name, state.get("wandb_id") if state else None)
-            logger = MultiLogger(
-                ConsoleLogger(), JsonlLogger(run_dir / "metrics.jsonl"), *([wb] if wb else [])
-            )
+            resumed_at = state["progress"]["global_step"] if state else None
+            tb = tensorboard_logger.start(run_dir, resumed_at) if cfg.log.tensorboard else None
+            more = [lg for lg in (wb, tb) if lg is not None]
+            logger = MultiLogger(ConsoleLogger(), JsonlLogger(run_dir / "metrics.jsonl"), *more)
+        if cfg.log.profile:
+            profiler = StepProfiler(cfg.log.profile, run_dir / "profile", env.rank, env.device, env.is_main)
         configure_backends(env.device, cfg.run.deterministic)
         data = load_splits(cfg.data, env.device)
         # every checkpoint carries the W&B run id: a resumed or requeued job continues the same W&B run
         preemption = distributed.Preemption(env).install()
-        trainer = Trainer(
-            cfg, env, data, run_dir, logger, preemption, meta={"wandb_id": wb.id if wb else None}
-        )
+        meta = {"wandb_id": wb.id if wb else None}
+        trainer = Trainer(cfg, env, data, run_dir, logger, preemption, meta, profiler)
         if state is not None:
             trainer.load_state_dict(state)
         if env.is_main:
@@ -230,6 +233,7 @@ def main(argv=None) -> int:
         print(f"error (rank {env.rank}): {hint}", file=sys.stderr, flush=True)
         return 1
     finally:
+        profiler.close()
         logger.close()
         if lock is not None:
             lock.release()

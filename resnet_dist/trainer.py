@@ -17,13 +17,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoint, optim
+from . import checkpoint, optim, perf
 from .config import Config
 from .data import Splits, TrainBatches, augment_seed
 from .distributed import DistEnv, NoPreemption, Preemption, broadcast_buffers, rank0_decides, wrap_ddp
 from .evaluate import Evaluator
 from .metrics import EpochMedia, NullLogger, TrainMeter, progress_bar
 from .model import build_model, compiled, memory_format
+from .profiling import NoProfiler
 
 
 class Diverged(RuntimeError):
@@ -62,9 +63,11 @@ class Trainer:
         logger=None,
         preemption: Preemption | None = None,
         meta: dict | None = None,
+        profiler=None,
     ):
         self.cfg, self.env, self.data, self.run_dir = cfg, env, data, run_dir
         self.logger, self.preemption = logger or NullLogger(), preemption or NoPreemption()
+        self.profiler = profiler or NoProfiler()
         t, dev = cfg.train, env.device
         # the same initial weights on every rank (DDP also broadcasts rank 0's)
         torch.manual_seed(cfg.run.seed)
@@ -92,6 +95,11 @@ class Trainer:
         self.last_save_s, self.last_save_end = 0.0, time.perf_counter()  # for the checkpoint overhead rule
         self.history, self.meta = [], dict(meta or {})
         self.last_finite = (-1, float("nan"))  # (step, loss) of the last finite interval loss
+        rank, _, seconds = cfg.dist.debug_delay.partition(":")
+        self.delay_s = float(seconds) if rank and int(rank) == env.rank else 0.0
+        # MFU in the step records, on GPUs whose datasheet peak is known: FLOPs counted once on the model
+        peak = perf.peak_tflops(perf.device_name(dev), self.precision, torch.backends.cudnn.allow_tf32)
+        self.flops_per_peak = perf.train_flops_per_image(cfg) / (peak * 1e12) if peak else None
 
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -103,9 +111,13 @@ class Trainer:
         for i, (xm, ym) in enumerate(zip(x.chunk(n), y.chunk(n))):
             # gradients are all-reduced once, with the last micro-batch: the others only accumulate locally
             with self.ddp.no_sync() if self.ddp and i < n - 1 else nullcontext():
+                start = self.meter.device_clock.mark()
+                if self.delay_s:  # dist.debug_delay: a simulated straggler
+                    time.sleep(self.delay_s)
                 with self.autocast:
                     out = self.train_model(xm.contiguous(memory_format=self.memory_format))
                     loss = self.loss_fn(out, ym)
+                self.meter.busy_since(start)  # the forward pass: this rank's own work, no collective in it
                 # each micro-batch's mean loss weighs 1/n: the summed gradients are the global batch's mean
                 self.scaler.scale(loss / n).backward()  # DDP all-reduces bucket by bucket during the last one
             self.meter.add(loss, out, ym)
@@ -125,6 +137,7 @@ class Trainer:
             bar = progress_bar(self.env.is_main, c.log.progress, spe, title, self.step_in_epoch)
             for x, y in self.batches.epoch(self.epoch, self.gen, start_step=self.step_in_epoch):
                 self.train_step(x, y)
+                self.profiler.step()
                 self.step_in_epoch += 1
                 self.global_step += 1
                 bar.update()
@@ -150,6 +163,8 @@ class Trainer:
         self.check_finite(interval["train/loss"])
         bar.set_postfix_str(f"loss {interval['train/loss']:.4f} lr {lr:.4g}")
         record = {"kind": "step", "epoch": self.epoch, "step": self.global_step, **interval, "lr": lr}
+        if self.flops_per_peak:
+            record["mfu"] = self.flops_per_peak * interval["images_per_s"] / self.env.world_size
         if self.env.device.type == "cuda":
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         self.logger.log(record)

@@ -25,18 +25,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .data import CLASSES
-from .metrics import EpochMedia, NullLogger
+from .metrics import EpochMedia, NullLogger, scalars
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
-EPOCH_KEYS = {
-    "train/loss": "train/epoch_loss",
-    "train/acc": "train/epoch_acc",
-    "images_per_s": "epoch_images_per_s",
-    "lr": None,
-    "kind": None,
-    "step": None,
-}
-STEP_KEYS = {"kind": None, "step": None}
 
 
 def warn(msg: str, env=os.environ) -> None:
@@ -107,7 +98,8 @@ def start(cfg, run_dir: Path, run_name: str, run_id: str | None = None, env=os.e
         warn(f"W&B is off for this run: {one_line(e)}", env)
         return None
     w = cfg.log.wandb
-    run_id = run_id or new_run_id()
+    # under `wandb agent` (a sweep) the agent chose the run: attach to it rather than to our own id
+    run_id = env.get("WANDB_RUN_ID") or run_id or new_run_id()
     kwargs = dict(
         id=run_id,
         resume="allow",
@@ -171,12 +163,9 @@ class WandbLogger(NullLogger):
         if self.run is None:
             return
         try:
-            if record.get("kind") == "epoch":
-                data = {EPOCH_KEYS.get(k, k): v for k, v in record.items() if EPOCH_KEYS.get(k, k)}
-                if media is not None:
-                    data.update(self.epoch_media(media))
-            else:
-                data = {k: v for k, v in record.items() if k not in STEP_KEYS}
+            data = scalars(record)
+            if media is not None:
+                data.update(self.epoch_media(media))
             self.run.log(data, step=record["step"])
         except Exception as e:  # noqa: BLE001 - logging must never stop training
             warn(f"W&B logging failed ({one_line(e)}); W&B is off for the rest of this run")

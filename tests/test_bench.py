@@ -91,12 +91,12 @@ def test_bench_bad_arguments_exit_2(tmp_path):
     ],
 )
 def test_peak_by_exact_gpu_name(name, precision, tf32, want):
-    from resnet_dist.bench import peak_tflops
+    from resnet_dist.perf import peak_tflops
 
     assert peak_tflops(name, precision, tf32) == want
 
 
 def test_matmul_ceiling_is_measured():
-    from resnet_dist.bench import matmul_ceiling_tflops
+    from resnet_dist.perf import matmul_ceiling_tflops
 
     assert matmul_ceiling_tflops(torch.device("cpu"), n=128, iters=2) > 0

@@ -73,6 +73,10 @@ def test_dotted_keys_inside_yaml_and_sections(tmp_path):
         ("train.accum_steps=256", "'train.accum_steps' (256) gives 1 image per micro-batch"),
         ("run.deterministic=maybe", "run.deterministic"),
         ("model.sync_bn=2", "model.sync_bn"),
+        ("log.profile=20", "log.profile"),
+        ("log.profile=20:0", "log.profile"),
+        ("dist.debug_delay=1", "dist.debug_delay"),
+        ("dist.debug_delay=a:1", "dist.debug_delay"),
     ],
 )
 def test_each_bad_value_names_its_key(override, words):

@@ -446,3 +446,26 @@ def test_deterministic_mode_sets_every_switch(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1:]
+
+
+# ---- live straggler figures ----------------------------------------------------------------------------------
+def _interval_figures(env, delay):
+    cfg = load_config(
+        None, ["run.dir=/nonexistent", *SYNTH, "train.epochs=1", f"dist.debug_delay={delay}"], world_size=2
+    )
+    log = Recorder()
+    Trainer(cfg, env, synthetic(), None, log).fit()
+    return [r for r in log.records if r["kind"] == "step"]
+
+
+def test_a_slow_rank_shows_in_the_straggler_ratio():
+    """Each interval gathers every rank's own forward time in the interval's one collective: rank 1, slowed by
+    0.3 s a step (dist.debug_delay), is the slowest by far; the all-reduce would hide it from wall times."""
+    steps = in_gloo_group(_interval_figures, 2, "1:0.3")[0]
+    assert len(steps) == 4
+    for r in steps:
+        assert r["time/slowest_s"] >= 0.3 and r["time/fastest_s"] > 0, r
+        # DDP rebuilds its buckets in the second step's forward, a one-off collective that makes rank 0 wait
+        if r["step"] != 2:
+            assert r["time/straggler"] > 2 and r["time/fastest_s"] < 0.3, r
+    assert "mfu" not in steps[0]  # a GPU figure: no datasheet peak for a CPU

@@ -12,6 +12,7 @@ from resnet_dist.evaluate import CLASS_KEYS
 from .helpers import PY, epochs, free_port, read_metrics, run, small_run, torchrun
 from .wandb_reader import read_run, wandb_files
 
+SWEEP_RUN = "agentrun1"  # the id `wandb agent` gives a trial (WANDB_RUN_ID)
 FAKE_KEY = "0123456789abcdef0123456789abcdef0fa4e5ee"  # 40 characters, like a real key
 
 
@@ -50,11 +51,15 @@ def epoch_rows(history):
 
 @pytest.fixture(scope="module")
 def offline_two_ranks(tmp_path_factory, data_root):
-    """One epoch on 2 ranks, W&B offline."""
+    """One epoch on 2 ranks, W&B offline, started as `wandb agent` starts a sweep's trial: WANDB_RUN_ID and
+    WANDB_SWEEP_ID set, the trial's values as KEY=VALUE overrides (sweeps/lr_wd.yaml's parameters)."""
     base = tmp_path_factory.mktemp("wandb")
+    trial = ["train.lr=0.0731", "train.weight_decay=0.00042"]
     proc = run(
-        torchrun(2) + small_run(data_root, base, "wb", "train.epochs=1", "log.wandb.tags=[ci]"),
+        torchrun(2) + small_run(data_root, base, "wb", "train.epochs=1", "log.wandb.tags=[ci]", *trial),
         WANDB_MODE="offline",
+        WANDB_RUN_ID=SWEEP_RUN,
+        WANDB_SWEEP_ID="sweep0001",
     )
     assert proc.returncode == 0, proc.stderr
     return base / "wb", proc
@@ -67,7 +72,10 @@ def test_two_ranks_offline_is_one_run_matching_metrics_jsonl(offline_two_ranks):
     assert proc.stdout.count("wandb sync ") == 1 and str(files[0].parent) in proc.stdout
     wb = read_run(files[0])
     ckpt = torch.load(run_path / "checkpoints" / "last.pt", weights_only=True)
-    assert wb.id == ckpt["wandb_id"]  # the checkpoint knows which W&B run to continue
+    assert (
+        wb.id == ckpt["wandb_id"] == SWEEP_RUN
+    )  # the agent's run; the checkpoint knows which run to continue
+    assert (wb.config["train"]["lr"], wb.config["train"]["weight_decay"]) == (0.0731, 0.00042)  # the trial's
     assert wb.config["train"] == ckpt["config"]["train"] and wb.config["log"]["wandb"]["tags"] == ["ci"]
     assert wb.exit_code == 0
 
@@ -182,3 +190,17 @@ def test_wandb_init_failure_falls_back_to_offline_with_the_same_id(tmp_path):
     wb = read_run(f)
     assert wb.id == "keepthis1" and [h["train/loss"] for h in wb.history] == [1.5]
     assert scan_for_key(tmp_path.rglob("*")) == []
+
+
+def test_the_shipped_sweep_runs_the_trainer_with_valid_keys():
+    import yaml
+
+    from .helpers import REPO
+
+    sweep = yaml.safe_load((REPO / "sweeps" / "lr_wd.yaml").read_text())
+    assert sweep["method"] == "bayes" and sweep["metric"] == {"name": "test/acc", "goal": "maximize"}
+    assert "launch/torchrun.sh" in sweep["command"] and sweep["command"][-1] == "${args_no_hyphens}"
+    assert set(sweep["parameters"]) == {"train.lr", "train.weight_decay"}
+    for key, spec in sweep["parameters"].items():  # each end of each range is a valid override
+        for value in (spec["min"], spec["max"]):
+            config.load(str(REPO / "configs" / "fast.yaml"), [f"{key}={value}"], world_size=1)
