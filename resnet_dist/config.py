@@ -183,6 +183,9 @@ class WandbConfig:
     init_timeout_s: int = checked(
         30, "give up connecting to the W&B server after this and log offline", positive
     )
+    log_model: bool = knob(
+        False, "at the end of a finished run, log model.safetensors + model.json as a W&B model artifact"
+    )
 
 
 @dataclass

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint, cli, config, distributed, rundir, tensorboard_logger, wandb_logger
+from . import checkpoint, cli, config, distributed, export, rundir, tensorboard_logger, wandb_logger
 from .data import DataError, load_splits
 from .metrics import ConsoleLogger, JsonlLogger, MetricsError, MultiLogger, NullLogger, truncate_jsonl
 from .optim import CUBLAS_DETERMINISTIC, configure_backends
@@ -60,6 +60,19 @@ def write_plots(run_dir: Path, history: list) -> None:
         print(
             f"warning: could not write the PNG plots ({type(e).__name__}: {e})", file=sys.stderr, flush=True
         )
+
+
+def log_model_artifact(wb: wandb_logger.WandbLogger, run_dir: Path) -> None:
+    """log.wandb.log_model: the last checkpoint's weights and model card exported into <run dir>/export/
+    (what `python -m resnet_dist.export --format safetensors` writes) and logged as a W&B model artifact.
+    Only when the run finished: a preempted run logs its model when it finishes after the resume. Never
+    fatal: the checkpoint is the run's result either way."""
+    try:
+        card = export.export_weights(run_dir / "checkpoints" / "last.pt", run_dir / "export")
+    except Exception as e:  # noqa: BLE001
+        wandb_logger.warn(f"no W&B model artifact: the export failed ({wandb_logger.one_line(e)})")
+        return
+    wb.log_model(run_dir / "export", card["checkpoint"]["global_step"], card)
 
 
 class Refused(RuntimeError):
@@ -211,6 +224,8 @@ def main(argv=None) -> int:
             )
             if outcome is Outcome.DONE:
                 print(f"finished: {run_dir}", flush=True)
+                if wb is not None and cfg.log.wandb.log_model:
+                    log_model_artifact(wb, run_dir)
             elif cfg.checkpoint.requeue:
                 requeue_slurm_job()
         return 0

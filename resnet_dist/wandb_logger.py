@@ -10,6 +10,7 @@ W&B steps are the trainer's global steps. Step records log as they are (train/lo
 images_per_s, ...). Epoch records log test/* as they are, and the epoch's train means as
 train/epoch_loss and train/epoch_acc (so they do not overwrite the interval values logged at the same
 step), plus the test confusion matrix (a W&B confusion-matrix chart) and a few misclassified test images.
+With `log.wandb.log_model`, a finished run also logs its exported weights and model card as a model artifact.
 """
 
 from __future__ import annotations
@@ -192,6 +193,33 @@ class WandbLogger(NullLogger):
                 for img, y, p in media.misclassified
             ]
         return out
+
+    def log_model(self, folder: Path, step: int, metadata: dict) -> bool:
+        """Log the files of `folder` as a version of the run's W&B model artifact `model-<run id>` (a resumed
+        run adds a version), aliased `step-<step>`; offline, its files wait in W&B's staging folder for
+        `wandb sync`. Never fatal: False and one warning when W&B refuses."""
+        if self.run is None:
+            return False
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(
+                f"model-{self.id}",
+                type="model",
+                description="ResNet-18 on Fashion-MNIST: weights (safetensors) and model card (json)",
+                metadata=metadata,
+            )
+            for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+                artifact.add_file(str(path), name=path.name)
+            self.run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
+        except Exception as e:  # noqa: BLE001 - the run's result is on disk either way
+            warn(f"W&B could not log the model artifact ({one_line(e)})")
+            return False
+        print(
+            f"wandb: logged the model artifact model-{self.id} ({', '.join(artifact.manifest.entries)})",
+            flush=True,
+        )
+        return True
 
     def close(self) -> None:
         if self.run is None:

@@ -54,12 +54,28 @@ def records(path: Path) -> list:
 
 @dataclass
 class WandbRun:
-    """What one `.wandb` file holds: the run id, its config, and the history rows by step."""
+    """What one `.wandb` file holds: the run id, its config, the history rows by step, the logged artifacts."""
 
     id: str = ""
     config: dict = field(default_factory=dict)
     history: list = field(default_factory=list)  # dicts with "_step" and the logged keys (values decoded)
+    artifacts: list = field(default_factory=list)  # dicts: name, type, aliases, metadata, files
     exit_code: int | None = None
+
+
+def _artifact(rec) -> dict:
+    """An artifact record: its files by name, each with its base64 MD5 digest, size and staged local copy."""
+    a = rec.artifact
+    return {
+        "name": a.name,
+        "type": a.type,
+        "aliases": list(a.aliases),
+        "metadata": json.loads(a.metadata) if a.metadata else {},
+        "files": {
+            e.path: {"digest": e.digest, "size": e.size, "local_path": e.local_path}
+            for e in a.manifest.contents
+        },
+    }
 
 
 def _put(row: dict, item) -> None:
@@ -92,6 +108,8 @@ def read_run(path: Path) -> WandbRun:
             if rec.history.HasField("step"):
                 row.setdefault("_step", rec.history.step.num)
             run.history.append(row)
+        elif kind == "artifact":
+            run.artifacts.append(_artifact(rec))
         elif kind == "exit":
             run.exit_code = rec.exit.exit_code
     return run

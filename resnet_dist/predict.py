@@ -1,0 +1,175 @@
+"""Predict the Fashion-MNIST class of image files: `python -m resnet_dist.predict --model DIR_OR_CHECKPOINT
+IMAGE_OR_FOLDER... [--invert] [--onnx] [--top K]`.
+
+--model is an export folder (model.json with model.safetensors, or with model.onnx for --onnx) or a .pt
+checkpoint. A folder argument stands for its .png/.jpg/.jpeg files (not its subfolders), sorted by name.
+Prints one JSON line per image on stdout: {"path": ..., "top": [{"class": ..., "index": ..., "prob": ...},
+...]}, the K most probable classes (default 3). A file that cannot be read as an image gets one line on
+stderr and the others are still predicted; the exit status is then 1.
+
+How a picture becomes the model's input, as Fashion-MNIST made its images (light garment on black, 28x28):
+1. EXIF orientation applied; transparency flattened onto the background (black, or white with --invert);
+2. grayscale ("L": 0.299 R + 0.587 G + 0.114 B);
+3. --invert for dark-on-light pictures (a product photo on white): 255 - x;
+4. unless already 28x28: scaled to fit 28x28 keeping its aspect ratio (Lanczos, antialiased when
+   shrinking), centred on black;
+5. then exactly as in training: x / 255, (x - mean) / std, bilinear resize to the model's input size if
+   it trained on a larger one (model.json: input).
+Runs on CPU in fp32: PyTorch (as `evaluate` predicts, flip TTA included when the run had it), or with
+--onnx the exported model.onnx under onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint, cli, config
+from .export import (
+    INSTALL_HINT,
+    ExportError,
+    OnnxRunner,
+    TorchRunner,
+    load_checkpoint,
+    load_exported,
+    read_card,
+)
+
+SIZE = 28
+SUFFIXES = (".png", ".jpg", ".jpeg")
+CHUNK = 256  # images read and predicted at a time: memory stays flat on any folder
+
+
+class ImageError(ValueError):
+    """A file that cannot be read as an image."""
+
+
+def to_input(img, invert: bool) -> np.ndarray:
+    """A PIL image of any size and mode -> uint8 [28, 28], light on dark (steps 1-4 of the module doc)."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if "A" in img.getbands() or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if invert else (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    img = img.convert("L")
+    if invert:
+        img = ImageOps.invert(img)
+    if img.size != (SIZE, SIZE):
+        w, h = img.size
+        scale = SIZE / max(w, h)
+        fitted = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+        img = Image.new("L", (SIZE, SIZE), 0)
+        img.paste(fitted, ((SIZE - fitted.width) // 2, (SIZE - fitted.height) // 2))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def read_image(path: Path, invert: bool) -> torch.Tensor:
+    """uint8 [1, 28, 28]; ImageError in one line for a file that is not a whole PNG/JPEG/... image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            return torch.from_numpy(to_input(img, invert).copy()).unsqueeze(0)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ImageError(f"{path}: not a readable image ({first})") from None
+
+
+def image_files(args: list[str]) -> tuple[list[Path], list[str]]:
+    """The files to predict, in order (a folder: its image files, sorted), and one error per bad argument."""
+    files, errors = [], []
+    for a in args:
+        p = Path(a)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in SUFFIXES and f.is_file())
+            if not found:
+                errors.append(f"{p}: no {'/'.join(SUFFIXES)} files in this folder")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            errors.append(f"{p}: no such file or folder")
+    return files, errors
+
+
+def load_runner(model: Path, use_onnx: bool):
+    """(card, runner) for --model: an export folder (safetensors or, with --onnx, model.onnx) or a checkpoint.
+    Usage errors exit 2 with one line."""
+    try:
+        if model.is_dir():
+            if not use_onnx:
+                card, net = load_exported(model)
+                return card, TorchRunner(net, card)
+            card = read_card(model)
+            if not (model / "model.onnx").is_file():
+                raise ExportError(f"{model} has no model.onnx (python -m resnet_dist.export --format onnx)")
+            try:
+                return card, OnnxRunner(model / "model.onnx", card)
+            except ImportError:
+                raise ExportError(f"--onnx needs onnxruntime: {INSTALL_HINT}") from None
+        if not model.is_file():
+            raise ExportError(f"no model at {model} (an export folder or a .pt checkpoint)")
+        if use_onnx:
+            raise ExportError(f"--onnx needs an export folder with model.onnx, not the checkpoint {model}")
+        _, _, card, net = load_checkpoint(model)
+        return card, TorchRunner(net, card)
+    except (ExportError, checkpoint.CheckpointError, config.ConfigError) as e:
+        cli.usage_error(str(e))
+
+
+def top_k(logits: torch.Tensor, classes: list[str], k: int) -> list[list[dict]]:
+    probs = logits.float().softmax(1)
+    p, i = probs.topk(k, dim=1)
+    return [
+        [{"class": classes[c], "index": c, "prob": round(v, 6)} for v, c in zip(row_p, row_i)]
+        for row_p, row_i in zip(p.tolist(), i.tolist())
+    ]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m resnet_dist.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="an export folder or a .pt checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="PNG/JPEG files or folders of them")
+    p.add_argument("--invert", action="store_true", help="dark garment on a light background: invert first")
+    p.add_argument("--onnx", action="store_true", help="run the export folder's model.onnx with onnxruntime")
+    p.add_argument("--top", type=int, default=3, metavar="K", help="how many classes per image (default 3)")
+    args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    card, runner = load_runner(Path(args.model), args.onnx)
+    classes = card["classes"]
+    if not 1 <= args.top <= len(classes):
+        cli.usage_error(f"--top must be between 1 and {len(classes)}, got {args.top}")
+
+    files, errors = image_files(args.images)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    failed = len(errors)
+    for start in range(0, len(files), CHUNK):
+        read, images = [], []
+        for path in files[start : start + CHUNK]:
+            try:
+                images.append(read_image(path, args.invert))
+                read.append(path)
+            except ImageError as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                failed += 1
+        if not images:
+            continue
+        for path, top in zip(read, top_k(runner.logits(torch.stack(images)), classes, args.top)):
+            print(json.dumps({"path": str(path), "top": top}), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

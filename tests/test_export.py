@@ -1,0 +1,384 @@
+"""Use the trained model: `python -m resnet_dist.export` (safetensors, model card, ONNX verified with
+onnxruntime), `python -m resnet_dist.predict` on image files, and the W&B model artifact of a finished run."""
+
+import base64
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from resnet_dist import checkpoint, config, export, predict
+from resnet_dist.data import CLASSES, MEAN, STD, load_split, normalize, prepare
+from resnet_dist.evaluate import Evaluator, checkpoint_config, load_model
+from resnet_dist.model import build_model
+
+from .helpers import PY, epochs, read_metrics, run, small_run
+from .wandb_reader import read_run, wandb_files
+
+CPU = torch.device("cpu")
+
+# Runs a module as `python -m` does, with the export extra "not installed": importing onnx, onnxscript or
+# onnxruntime fails as it does where they are missing. Everything else is the real code path.
+WITHOUT_ONNX = """
+import runpy, sys
+class NoOnnx:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("onnx", "onnxscript", "onnxruntime"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoOnnx())
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def ckpt_of(trained):
+    return trained / "checkpoints" / "last.pt"
+
+
+def reference(trained):
+    """The checkpoint's model as `evaluate` builds and runs it."""
+    state = checkpoint.load(ckpt_of(trained))
+    cfg = checkpoint_config(state, ())
+    return state, load_model(state, cfg, CPU).eval(), Evaluator.from_config(cfg, CPU)
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """The trained checkpoint exported (both formats), its ONNX verified on 200 real test images."""
+    out = tmp_path_factory.mktemp("export")
+    proc = run(
+        [PY, "-m", "resnet_dist.export", "--checkpoint", str(ckpt_of(trained)), "--out", str(out)]
+        + ["data.test_subset=200"]
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_safetensors_weights_give_the_checkpoints_logits(trained, exported, data_root):
+    from safetensors.torch import load_file
+
+    out, _ = exported
+    state, ref, _ = reference(trained)
+    weights = load_file(out / "model.safetensors")  # no pickle: plain tensors
+    saved = checkpoint.evaluated_weights(state)
+    assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
+    fresh = build_model(config.from_dict({"model": state["config"]["model"]}).model)
+    fresh.load_state_dict(weights)  # strict: every key, no extra one
+    x = normalize(load_split(prepare(str(data_root)), "test", 64)[0], None)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), ref(x))
+
+
+def test_model_card(trained, exported):
+    out, proc = exported
+    card = json.loads((out / "model.json").read_text())
+    state = checkpoint.load(ckpt_of(trained))
+    assert card["model"] == state["config"]["model"] and card["model"]["stem"] == "imagenet"
+    assert card["weights"] == "model" and card["tta_flip"] is False  # no EMA, no TTA in this run
+    assert card["classes"] == list(CLASSES)
+    inp = card["input"]
+    assert (inp["channels"], inp["size"], inp["mean"], inp["std"]) == (1, 28, MEAN, STD)
+    assert "(x - mean) / std" in inp["preprocess"]
+    assert card["checkpoint"]["global_step"] == state["progress"]["global_step"] == 8
+    assert card["checkpoint"]["epoch"] == state["progress"]["epoch"] == 1
+    (ep,) = epochs(read_metrics(trained))
+    assert card["last_test"] == {"acc": ep["test/acc"], "samples": 999, "epoch": 1, "source": "checkpoint"}
+    assert card["torch_version"] == torch.__version__
+
+    onnx_card = card["onnx"]
+    assert onnx_card["opset"] >= 18 and "dynamo=True" in onnx_card["exporter"]
+    assert onnx_card["input"]["name"] == "image" and onnx_card["input"]["shape"] == ["batch", 1, 28, 28]
+    v = onnx_card["verification"]
+    assert v["images"] == 200 and v["passed"] is True
+    assert v["top1_agreement"] >= 0.999 and v["max_abs_logit_diff"] <= 1e-3
+    assert f"on 200 test images: max |logit difference| {v['max_abs_logit_diff']:.3g}" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.safetensors"]
+
+
+def test_onnx_has_a_dynamic_batch(trained, exported):
+    import onnx
+    import onnxruntime as ort
+
+    out, _ = exported
+    graph = onnx.load(str(out / "model.onnx")).graph
+    (inp,) = graph.input
+    assert inp.type.tensor_type.shape.dim[0].dim_param  # symbolic, not a fixed size
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    _, ref, _ = reference(trained)
+    for n in (1, 7):
+        x = torch.randn(n, 1, 28, 28)
+        (logits,) = session.run(["logits"], {"image": x.numpy()})
+        with torch.no_grad():
+            assert logits.shape == (n, 10) and np.abs(logits - ref(x).numpy()).max() < 1e-3
+
+
+def test_ema_weights_and_flip_tta_are_exported(trained, data_root, tmp_path):
+    """A run with EMA and flip TTA: the export holds the EMA weights, and model.onnx computes the averaged
+    logits of the image and its mirror, as `evaluate` does (the default folder: <run dir>/export)."""
+    from safetensors.torch import load_file
+
+    state = checkpoint.load(ckpt_of(trained))
+    gen = torch.Generator().manual_seed(0)
+    ema = {
+        k: v + 0.01 * torch.randn(v.shape, generator=gen) if k.endswith(("weight", "bias")) else v
+        for k, v in state["model"].items()
+    }
+    state["ema"] = {"weights": ema, "n_averaged": 8}
+    state["config"]["train"]["tta_flip"] = True
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(state, tmp_path / "checkpoints" / "last.pt")
+    assert (
+        export.main(["--checkpoint", str(tmp_path / "checkpoints" / "last.pt"), "data.test_subset=100"]) == 0
+    )
+    out = tmp_path / "export"
+    card = json.loads((out / "model.json").read_text())
+    assert card["weights"] == "ema" and card["tta_flip"] is True and card["onnx"]["verification"]["passed"]
+    weights = load_file(out / "model.safetensors")
+    assert all(torch.equal(weights[k], ema[k]) for k in ema) and weights.keys() == ema.keys()
+
+    model = export.card_model(card, weights)
+    images = load_split(prepare(str(data_root)), "test", 50)[0]
+    runner = export.OnnxRunner(out / "model.onnx", card)
+    with_tta = export.TorchRunner(model, card).logits(images)
+    without = export.TorchRunner(model, {**card, "tta_flip": False}).logits(images)
+    assert (runner.logits(images) - with_tta).abs().max() < 1e-3 < (with_tta - without).abs().max()
+
+
+def corrupt_first_conv(src, dst):
+    """Copy an ONNX file with its first convolution's weight shifted by 1.0 (the stem: every image changes)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    init = next(i for i in model.graph.initializer if i.name == conv.input[1])
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 1.0, init.name))
+    onnx.save(model, str(dst))
+
+
+def test_verification_fails_on_a_corrupted_onnx_weight(trained, exported, data_root, tmp_path):
+    out, _ = exported
+    corrupt_first_conv(out / "model.onnx", tmp_path / "model.onnx")
+    before = (tmp_path / "model.onnx").read_bytes()
+    ckpt = ckpt_of(trained)
+    proc = run(
+        [PY, "-m", "resnet_dist.export", "--checkpoint", str(ckpt), "--out", str(tmp_path), "--verify-only"]
+        + ["data.test_subset=200"]
+    )
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "does not compute what the checkpoint does" in line
+    assert "on 200 test images" in line
+    # --verify-only writes nothing: the corrupted file is still there as it was, nothing else appeared
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"] and (
+        tmp_path / "model.onnx"
+    ).read_bytes() == before
+
+    # the same check in-process: the exported file passes, the corrupted one fails on the difference
+    state, cfg, card, model = export.load_checkpoint(ckpt, ["data.test_subset=200"])
+    images = export.verification_images(cfg)
+    good = export.verify(export.TorchRunner(model, card), export.OnnxRunner(out / "model.onnx", card), images)
+    bad = export.verify(
+        export.TorchRunner(model, card), export.OnnxRunner(tmp_path / "model.onnx", card), images
+    )
+    assert good["passed"] and good["max_abs_logit_diff"] <= 1e-3 and good["top1_agreement"] == 1.0
+    assert not bad["passed"] and bad["max_abs_logit_diff"] > 1e-3
+
+
+def test_a_failed_write_leaves_no_half_file(tmp_path):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"the earlier export")
+
+    def half_then_fail(p):
+        p.write_bytes(b"half a fi")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        export.atomic_write(target, half_then_fail)
+    assert target.read_bytes() == b"the earlier export" and [p.name for p in tmp_path.iterdir()] == [
+        target.name
+    ]
+
+
+def test_export_usage_errors_exit_2_with_one_line(trained, tmp_path, capsys):
+    for args, words in [
+        (["--checkpoint", str(tmp_path / "none.pt")], "no checkpoint file"),
+        (["--checkpoint", str(trained / "config.yaml")], "not a valid checkpoint"),
+        (["--checkpoint", str(ckpt_of(trained)), "train.lr=1"], "export takes only data.root"),
+        (["--checkpoint", str(ckpt_of(trained)), "--format", "pdf"], "--format takes"),
+        (["--checkpoint", str(ckpt_of(trained)), "--out", str(tmp_path), "--verify-only"], "no model.onnx"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            export.main(args)
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and line.startswith("error: ") and words in line, (args, line)
+    assert not any(tmp_path.iterdir())
+
+
+def test_without_onnx_the_safetensors_export_still_works(trained, exported, tmp_path):
+    from safetensors.torch import load_file
+
+    out, _ = exported
+    proc = run(
+        [PY, "-c", WITHOUT_ONNX, "resnet_dist.export", "--checkpoint", str(ckpt_of(trained))]
+        + ["--out", str(tmp_path / "e")]
+    )
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("warning: no ONNX export: onnx, onnxscript, onnxruntime not installed")
+    assert "pip install -e .[export]" in line
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["model.json", "model.safetensors"]
+    mine, full = load_file(tmp_path / "e" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert mine.keys() == full.keys() and all(torch.equal(mine[k], full[k]) for k in full)
+    assert json.loads((tmp_path / "e" / "model.json").read_text())["onnx"] is None
+
+    # asked for by name it is an error; predict --onnx says the same
+    proc = run([PY, "-c", WITHOUT_ONNX, "resnet_dist.predict", "--model", str(out), "--onnx", str(tmp_path)])
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == "error: --onnx needs onnxruntime: pip install -e .[export]"
+
+
+@pytest.fixture(scope="module")
+def pngs(data_root, tmp_path_factory):
+    """30 real test images as 28x28 PNG files, plus a truncated PNG and a text file named .png."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("pngs")
+    images = load_split(prepare(str(data_root)), "test", 30)[0]
+    for i, img in enumerate(images):
+        Image.fromarray(img[0].numpy()).save(folder / f"img{i:02d}.png")
+    whole = (folder / "img00.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "text.png").write_text("not an image, whatever the name says\n")
+    (folder / "notes.txt").write_text("not an image file name: a folder argument skips it\n")
+    return folder, images
+
+
+def check_predictions(stdout: str, stderr: str, folder, expected: torch.Tensor) -> list[dict]:
+    lines = [json.loads(line) for line in stdout.strip().splitlines()]
+    assert [r["path"] for r in lines] == [str(folder / f"img{i:02d}.png") for i in range(30)]
+    for r, want in zip(lines, expected.tolist()):
+        assert len(r["top"]) == 3 and r["top"][0]["index"] == want, r
+        assert all(t["class"] == CLASSES[t["index"]] for t in r["top"])
+        probs = [t["prob"] for t in r["top"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
+    errors = stderr.strip().splitlines()
+    assert len(errors) == 2 and all(e.startswith("error: ") for e in errors), errors
+    assert (
+        "text.png: not a readable image" in errors[0] and "truncated.png: not a readable image" in errors[1]
+    )
+    return lines
+
+
+def test_predict_matches_evaluate_with_torch_and_onnx(trained, exported, pngs, capsys):
+    out, _ = exported
+    folder, images = pngs
+    _, model, evaluator = reference(trained)
+    expected = evaluator.predict(model, images).argmax(1)  # what `evaluate` predicts for these images
+    assert len(set(expected.tolist())) >= 3  # a model that says one class everywhere would prove little
+
+    proc = run([PY, "-m", "resnet_dist.predict", "--model", str(out), str(folder)])
+    assert proc.returncode == 1  # two files failed, the others were predicted
+    with_torch = check_predictions(proc.stdout, proc.stderr, folder, expected)
+
+    assert predict.main(["--model", str(out), "--onnx", str(folder)]) == 1
+    with_onnx = check_predictions(*capsys.readouterr(), folder, expected)
+    for a, b in zip(with_torch, with_onnx):
+        assert abs(a["top"][0]["prob"] - b["top"][0]["prob"]) < 1e-4
+
+    # a checkpoint works as the model too, and a file argument is taken whatever its name
+    args = ["--model", str(ckpt_of(trained)), "--top", "1", *sorted(map(str, folder.glob("img*.png")))]
+    assert predict.main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["top"][0]["index"] for r in lines] == expected.tolist() and all(
+        len(r["top"]) == 1 for r in lines
+    )
+
+
+def test_image_conversion():
+    """Any size and colour: grayscale, fitted into 28x28 keeping the aspect ratio on black; --invert for dark
+    on light; a 28x28 grayscale image passes unchanged."""
+    from PIL import Image
+
+    gray = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    assert np.array_equal(predict.to_input(Image.fromarray(gray), invert=False), gray)
+    assert np.array_equal(predict.to_input(Image.fromarray(gray), invert=True), 255 - gray)
+    red = Image.new("RGB", (120, 60), (255, 0, 0))  # wide: 28x14 centred, black bands above and below
+    x = predict.to_input(red, invert=False)
+    assert x.shape == (28, 28) and x.dtype == np.uint8
+    assert (x[:7] == 0).all() and (x[21:] == 0).all() and (x[7:21] == 76).all()  # red's luma: 0.299 * 255
+    dark_on_white = Image.new("LA", (56, 56), (255, 0))  # transparent: the background, white before --invert
+    dark_on_white.paste((0, 255), (14, 14, 42, 42))
+    y = predict.to_input(dark_on_white, invert=True)
+    assert y[14, 14] == 255 and y[0, 0] == 0 and y[27, 27] == 0
+
+
+def test_predict_usage_errors_exit_2_with_one_line(trained, exported, pngs, tmp_path, capsys):
+    out, _ = exported
+    folder, _ = pngs
+    onnx_only = tmp_path / "onnx_only"
+    onnx_only.mkdir()
+    shutil.copy(out / "model.json", onnx_only)
+    for args, words in [
+        (["--model", str(tmp_path / "none"), str(folder)], "no model at"),
+        (["--model", str(folder), str(folder)], "has no model.json"),
+        (["--model", str(onnx_only), str(folder)], "has no model.safetensors"),
+        (["--model", str(tmp_path), "--onnx", str(folder)], "has no model.json"),
+        (["--model", str(ckpt_of(trained)), "--onnx", str(folder)], "--onnx needs an export folder"),
+        (["--model", str(out), "--top", "0", str(folder)], "--top must be between 1 and 10"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            predict.main(args)
+        captured = capsys.readouterr()
+        (line,) = captured.err.strip().splitlines()
+        assert e.value.code == 2 and line.startswith("error: ") and words in line, (args, line)
+        assert captured.out == ""
+
+
+def test_log_model_config_key():
+    assert config.Config().log.wandb.log_model is False
+    assert config.load(None, ["log.wandb.log_model=true"], world_size=1).log.wandb.log_model is True
+    with pytest.raises(config.ConfigError, match="log.wandb.log_model"):
+        config.load(None, ["log.wandb.log_model=maybe"], world_size=1)
+
+
+def md5_b64(path) -> str:
+    return base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
+
+
+def test_wandb_model_artifact_offline(data_root, tmp_path):
+    """A finished offline run with log.wandb.log_model: <run dir>/export/ holds the weights and card, and the
+    run's .wandb file logs them as a model artifact (its files staged for `wandb sync`)."""
+    wandb_home = {
+        k: str(tmp_path / k.lower()) for k in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")
+    }
+    overrides = small_run(data_root, tmp_path, "wbm", "train.epochs=1", "data.train_subset=128")
+    proc = run(
+        [PY, "-m", "resnet_dist.train", *overrides, "log.wandb.log_model=true"],
+        WANDB_MODE="offline",
+        **wandb_home,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "wbm"
+    exp = run_dir / "export"
+    assert sorted(p.name for p in exp.iterdir()) == ["model.json", "model.safetensors"]
+    card = json.loads((exp / "model.json").read_text())
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert card["checkpoint"]["global_step"] == state["progress"]["global_step"] == 2
+
+    (wb_file,) = wandb_files(run_dir)
+    wb = read_run(wb_file)
+    assert {a["type"] for a in wb.artifacts} == {"model", "run_table"}  # the confusion charts log tables too
+    (art,) = [a for a in wb.artifacts if a["type"] == "model"]
+    assert (art["type"], art["name"]) == ("model", f"model-{wb.id}") and "step-2" in art["aliases"]
+    assert art["metadata"]["checkpoint"]["global_step"] == 2 and art["metadata"]["classes"] == list(CLASSES)
+    assert sorted(art["files"]) == ["model.json", "model.safetensors"]
+    for name, entry in art["files"].items():
+        assert entry["size"] == (exp / name).stat().st_size and entry["digest"] == md5_b64(exp / name)
+        assert md5_b64(Path(entry["local_path"])) == entry["digest"]  # the staged copy `wandb sync` sends
+    assert f"wandb: logged the model artifact model-{wb.id}" in proc.stdout and wb.exit_code == 0
