@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import re
 import signal
@@ -238,19 +239,17 @@ def setup(timeout_s: int = 600) -> DistEnv:
             clash = shared_gpu(exchange(store, "gpu", info["rank"], info["world_size"], gpu_identity(device)))
             if clash:
                 raise LaunchError(clash)
-        init = dist.init_process_group
-        within(
-            timeout_s,
-            lambda: init(
+        try:  # in this thread: NCCL binds its communicator to this thread's device
+            dist.init_process_group(
                 backend=backend,
                 store=store,
                 rank=info["rank"],
                 world_size=info["world_size"],
                 timeout=timeout,
                 device_id=device if backend == "nccl" else None,
-            ),
-            info,
-        )
+            )
+        except Exception as e:  # noqa: BLE001 - a rendezvous failure becomes one line, anything else as it is
+            raise rendezvous_error(e, timeout_s, info) from None
     return DistEnv(
         rank=info["rank"],
         local_rank=info["local_rank"],
@@ -264,7 +263,7 @@ def setup(timeout_s: int = 600) -> DistEnv:
 
 
 def within(timeout_s: float, fn, info: dict):
-    """fn() (joining the rendezvous), bounded by dist.timeout_s, its failure one line (LaunchError).
+    """fn() (joining the rendezvous store), bounded by dist.timeout_s, its failure one line (LaunchError).
 
     A store client that reached a program other than rank 0 on MASTER_PORT waits for an answer that never
     comes, past any timeout of its own: the call runs in a thread the process leaves behind when it gives up.
@@ -280,28 +279,32 @@ def within(timeout_s: float, fn, info: dict):
     thread = threading.Thread(target=call, daemon=True)
     thread.start()
     thread.join(timeout_s + 5)
-    where = f"{info['master_addr']}:{info['master_port']}"
     if thread.is_alive():
         raise LaunchError(
-            f"rank {info['rank']} got no answer from rank 0's rendezvous at {where} within dist.timeout_s="
-            f"{timeout_s:g}s: is another program holding that port (MASTER_PORT), or rank 0 stuck?"
+            f"rank {info['rank']} got no answer from rank 0's rendezvous at {info['master_addr']}:"
+            f"{info['master_port']} within dist.timeout_s={timeout_s:g}s: is another program holding that "
+            "port (MASTER_PORT), or rank 0 stuck?"
         )
-    if "error" not in box:
-        return box.get("value")
-    e = box["error"]
-    text = str(e)
+    if "error" in box:
+        raise rendezvous_error(box["error"], timeout_s, info)
+    return box.get("value")
+
+
+def rendezvous_error(e: BaseException, timeout_s: float, info: dict) -> BaseException:
+    """A one-line LaunchError for a rendezvous that failed (a busy port, ranks that never all came), else `e`."""
+    text, where = str(e), f"{info['master_addr']}:{info['master_port']}"
     if "EADDRINUSE" in text or "address already in use" in text:
-        raise LaunchError(
+        return LaunchError(
             f"rank 0 cannot listen on {where}: the port is in use by another program; choose a free "
             "MASTER_PORT (torchrun --rdzv-endpoint=HOST:0 picks one)"
-        ) from None
+        )
     if "waiting for clients" in text or "connect to" in text or "timed out" in text.lower():
         first = text.strip().splitlines()[0][:200]
-        raise LaunchError(
+        return LaunchError(
             f"rank {info['rank']}: the {info['world_size']} ranks did not all meet at {where} within "
             f"dist.timeout_s={timeout_s:g}s ({first}): start every rank, with the same MASTER_ADDR/PORT"
-        ) from None
-    raise e
+        )
+    return e
 
 
 def device_for(local_rank: int, gpus: int) -> torch.device:
@@ -432,11 +435,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+# torch 2.13 renamed broadcast_buffers to forward_sync_buffers (and warns on the old name); the new one still
+# syncs buffers once at construction, which changes nothing here: every rank starts from the same state.
+NO_FORWARD_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
 def wrap_ddp(model: torch.nn.Module, env: DistEnv, bucket_mb: int, compression: str):
     """The model under DDP (None for one process). gradient_as_bucket_view: the gradients live in DDP's
     buckets, saving a copy per step; the bf16 hook all-reduces bf16 copies of them, half the bytes.
 
-    broadcast_buffers=False: DDP would otherwise broadcast rank 0's BatchNorm statistics at the start of
+    No buffer sync in forward: DDP would otherwise broadcast rank 0's BatchNorm statistics at the start of
     every forward pass, a collective in each step that only overwrites the other ranks' copies. Training
     never reads them (it normalises with the batch's statistics); evaluation and checkpoints use rank 0's
     (`broadcast_buffers` below, before each evaluation), which that broadcast leaves as they are. Without
@@ -444,9 +456,7 @@ def wrap_ddp(model: torch.nn.Module, env: DistEnv, bucket_mb: int, compression: 
     if not env.distributed:
         return None
     ids = [env.device] if env.device.type == "cuda" else None
-    ddp = DDP(
-        model, device_ids=ids, gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb, broadcast_buffers=False
-    )
+    ddp = DDP(model, device_ids=ids, gradient_as_bucket_view=True, bucket_cap_mb=bucket_mb, **NO_FORWARD_SYNC)
     if compression == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 

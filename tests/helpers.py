@@ -90,6 +90,14 @@ def read_metrics(run_path: Path) -> list[dict]:
     ]
 
 
+TIMING = ("images_per_s", "mfu", "time/")
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    """Every logged value but the wall-clock ones (speed, MFU, the ranks' forward times)."""
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in records]
+
+
 def epochs(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("kind") == "epoch"]
 

@@ -1,5 +1,6 @@
 import os
 import signal
+import warnings
 
 import pytest
 
@@ -130,6 +131,14 @@ def _agreement(env):
     distributed.broadcast_buffers(bn)
     found["buffers"] = (bn.running_mean.tolist(), int(bn.num_batches_tracked))
     found["decides"] = distributed.rank0_decides(env.rank == 0, env.device)
+    # DDP leaves each rank's buffers alone in forward (and this torch does not warn about how we ask it)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ddp = distributed.wrap_ddp(torch.nn.BatchNorm2d(3), env, bucket_mb=25, compression="none")
+    ddp.module.running_mean.fill_(env.rank + 1.0)
+    with torch.no_grad():
+        ddp.eval()(torch.zeros(1, 3, 2, 2))
+    found["ddp"] = (ddp.module.running_mean.tolist(), [str(w.message) for w in caught])
     return found
 
 
@@ -140,3 +149,4 @@ def test_preemption_agreement_and_rank0_state_in_a_real_group():
         assert got[rank][1] == (5, True) and got[rank][3] == (7, True), got
         assert got[rank]["drain"] == (False, True, False) and got[rank]["sigterm"] == 3
         assert got[rank]["buffers"] == ([1.0, 1.0, 1.0], 5) and got[rank]["decides"] is True
+        assert got[rank]["ddp"] == ([rank + 1.0] * 3, []), got

@@ -11,16 +11,23 @@ import pytest
 
 from resnet_dist import checkpoint
 
-from .helpers import PY, REPO, RESUME, clean_env, epochs, free_port, read_metrics, run, small_run, torchrun
-
-
-def comparable(records):
-    """Every logged value but wall-clock speed."""
-    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
+from .helpers import (
+    PY,
+    REPO,
+    RESUME,
+    clean_env,
+    epochs,
+    free_port,
+    read_metrics,
+    run,
+    small_run,
+    torchrun,
+    without_timing,
+)
 
 
 def assert_same_metrics(a, b):
-    ca, cb = comparable(a), comparable(b)
+    ca, cb = without_timing(a), without_timing(b)
     assert [r.keys() for r in ca] == [r.keys() for r in cb]
     for ra, rb in zip(ca, cb):
         for k in ra:

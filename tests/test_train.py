@@ -7,7 +7,7 @@ import torch
 from resnet_dist import checkpoint
 from resnet_dist.evaluate import CLASS_KEYS
 
-from .helpers import PY, epochs, read_metrics, run, small_run, torchrun
+from .helpers import PY, epochs, read_metrics, run, small_run, torchrun, without_timing
 
 EPOCH_KEYS = {
     "epoch",
@@ -188,9 +188,7 @@ def test_deterministic_runs_repeat_exactly_with_accumulation(tmp_path, data_root
         )
         assert proc.returncode == 0, proc.stderr
         assert "deterministic=on accum_steps=2 " in proc.stdout.splitlines()[0]
-        records.append(
-            [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(tmp_path / name)]
-        )
+        records.append(without_timing(read_metrics(tmp_path / name)))
     assert records[0] == records[1] and len(records[0]) == 4  # steps 3, 6, 8 and the epoch
 
 

@@ -16,7 +16,7 @@ from resnet_dist.distributed import DistEnv, Preemption
 from resnet_dist.metrics import NullLogger
 from resnet_dist.trainer import Outcome, Trainer
 
-from .helpers import RESUME, in_gloo_group, small_run
+from .helpers import RESUME, in_gloo_group, small_run, without_timing
 
 CPU_ENV = DistEnv(
     rank=0, local_rank=0, world_size=1, launcher="none", device=torch.device("cpu"), backend=None
@@ -393,10 +393,7 @@ def test_resume_is_exact_with_accumulation(tmp_path):
     resumed.load_state_dict(checkpoint.load(tmp_path / "cut" / "checkpoints" / "last.pt"))
     assert resumed.fit() is Outcome.DONE
 
-    def values(records):
-        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
-
-    assert values(first.records + second.records) == values(whole.records)
+    assert without_timing(first.records + second.records) == without_timing(whole.records)
 
 
 # ---- SyncBatchNorm, determinism -----------------------------------------------------------------------------
