@@ -197,37 +197,22 @@ def smoke() -> None:
         say(f"{name}: {'OK' if ok else 'FAILED'}: 1 epoch, checkpoint, resume, 1 more epoch; test acc {acc}")
 
 
+def bench(name: str, config: str, *args: str, steps=BENCH_STEPS, budget_s: float = 120) -> None:
+    """One `python -m resnet_dist.bench` run (bf16 unless the dry run forces fp32), its line in the summary."""
+    out_json = WORK / f"{name}.json"
+    cmd = [PY, "-m", "resnet_dist.bench", "--config", config, *steps, "--out", str(out_json)]
+    cmd += ["train.precision=bf16", *args, *TINY, f"data.root={WORK / 'data'}", *DATA]
+    code, _, _ = run(name, cmd, budget_s, "bench.log")
+    if code == 0:
+        report_bench(name, json.loads(out_json.read_text()))
+
+
 def throughput() -> None:
     """bf16 images/s of the trainer with and without EMA and of the bare loop, MFU against the datasheet
     and against a bf16 matrix product measured here."""
-    for name, extra in (
-        ("bench_trainer_ema", []),
-        ("bench_trainer_no_ema", ["train.ema_decay=0"]),
-        ("bench_bare", ["--mode", "bare"]),
-    ):
-        out_json = WORK / f"{name}.json"
-        code, _, _ = run(
-            name,
-            [
-                PY,
-                "-m",
-                "resnet_dist.bench",
-                "--config",
-                "configs/default.yaml",
-                *BENCH_STEPS,
-                "--out",
-                str(out_json),
-                "train.precision=bf16",
-                *extra,
-                *TINY,
-                f"data.root={WORK / 'data'}",
-                *DATA,
-            ],
-            120,
-            "bench.log",
-        )
-        if code == 0:
-            report_bench(name, json.loads(out_json.read_text()))
+    bench("bench_trainer_ema", "configs/default.yaml")
+    bench("bench_trainer_no_ema", "configs/default.yaml", "train.ema_decay=0")
+    bench("bench_bare", "configs/default.yaml", "--mode", "bare")
 
 
 def report_bench(name: str, r: dict) -> None:
@@ -274,68 +259,27 @@ def recipe(name: str, config: str, budget_s: float) -> float | None:
 
 
 def compiled() -> None:
+    """torch.compile: images/s, and the first step's time (the compilation)."""
     if DRY:
         say("bench_compiled: skipped in the dry run (compiling on CPU takes minutes)")
         results["steps"]["bench_compiled"] = {"status": "skipped"}
         return
-    out_json = WORK / "bench_compiled.json"
-    code, _, _ = run(
+    bench(
         "bench_compiled",
-        [
-            PY,
-            "-m",
-            "resnet_dist.bench",
-            "--config",
-            "configs/default.yaml",
-            "--steps",
-            "50",
-            "--warmup",
-            "10",
-            "--out",
-            str(out_json),
-            "train.precision=bf16",
-            "train.compile=true",
-            f"data.root={WORK / 'data'}",
-            *DATA,
-        ],
-        240,
-        "bench.log",
+        "configs/default.yaml",
+        "train.compile=true",
+        budget_s=240,
+        steps=["--steps", "50", "--warmup", "10"],
     )
-    if code == 0:
-        report_bench("bench_compiled", json.loads(out_json.read_text()))
 
 
 def original_pipeline() -> None:
     """The original recipe's 224x224 input: torchvision's per-sample DataLoader against our on-device batches."""
     size = ["data.resize=56"] if DRY else []
-    for name, mode in (("seed224_ours", "trainer"), ("seed224_torchvision", "torchvision")):
-        out_json = WORK / f"{name}.json"
-        code, _, _ = run(
-            name,
-            [
-                PY,
-                "-m",
-                "resnet_dist.bench",
-                "--config",
-                "configs/seed.yaml",
-                "--mode",
-                mode,
-                "--workers",
-                "2" if DRY else "8",
-                *(["--steps", "2", "--warmup", "1"] if DRY else ["--steps", "30", "--warmup", "5"]),
-                "--out",
-                str(out_json),
-                "train.precision=bf16",
-                *TINY,
-                *size,
-                f"data.root={WORK / 'data'}",
-                *DATA,
-            ],
-            120,
-            "bench.log",
-        )
-        if code == 0:
-            report_bench(name, json.loads(out_json.read_text()))
+    steps = ["--steps", "2", "--warmup", "1"] if DRY else ["--steps", "30", "--warmup", "5"]
+    workers = ["--workers", "2" if DRY else "8"]
+    bench("seed224_ours", "configs/seed.yaml", "--mode", "trainer", *workers, *size, steps=steps)
+    bench("seed224_torchvision", "configs/seed.yaml", "--mode", "torchvision", *workers, *size, steps=steps)
 
 
 UNTESTABLE = (

@@ -13,10 +13,15 @@ import os
 import random
 import re
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from .distributed import rank0_decides
 
 STEP_FILE = re.compile(r"step-(\d+)\.pt$")
 
@@ -171,17 +176,67 @@ def check_model(state: dict, model_cfg: dict) -> None:
         )
 
 
-def restore_rng(rngs: list, rank: int, gen: torch.Generator, fresh_seed: int) -> str | None:
+def restore_rng(rngs: list, rank: int, gen: torch.Generator, fresh_seed: int, say: bool) -> None:
     """Restore this rank's streams from a checkpoint's; a rank without one (added by a resize) or one saved
-    on another kind of device gets `fresh_seed`. Returns a note for rank 0 to print on a device change."""
+    on another kind of device gets `fresh_seed`, and on a device change one line says so (when `say`)."""
     if rank < len(rngs) and set_rng_state(rngs[rank], gen):
-        return None
+        return
     gen.manual_seed(fresh_seed)
     saved_on = rngs[0].get("augment_device", "cpu")
-    if saved_on == gen.device.type:
-        return None
-    return (
-        f"note: the checkpoint's augmentation random streams were saved on {saved_on} and cannot be "
-        f"restored on {gen.device.type}: reseeded from run.seed and the step (the run goes on, not "
-        "bit-identical to an uninterrupted one)"
-    )
+    if say and saved_on != gen.device.type:
+        print(
+            f"note: the checkpoint's augmentation random streams were saved on {saved_on} and cannot be "
+            f"restored on {gen.device.type}: reseeded from run.seed and the step (the run goes on, not "
+            "bit-identical to an uninterrupted one)",
+            flush=True,
+        )
+
+
+class SaveCadence:
+    """When epoch ends save: the last epoch always; others every `every_epochs`, unless saving would take more
+    than `max_overhead` of the time since the previous save (fast GPUs, tiny epochs): a minimum interval of
+    (1 / max_overhead - 1) times the last save's duration. Rank 0's clock decides for all: every rank takes
+    part in a save. `timed()` wraps each save to measure it."""
+
+    def __init__(self, cfg, epochs: int, device: torch.device):
+        self.cfg, self.epochs, self.device = cfg, epochs, device  # cfg: CheckpointConfig
+        self.last_s, self.last_end = 0.0, time.perf_counter()
+        self.total_s = 0.0  # this process's seconds spent saving
+
+    def due(self, epochs_done: int) -> bool:
+        if epochs_done >= self.epochs:
+            return True
+        if epochs_done % self.cfg.every_epochs:
+            return False
+        since = time.perf_counter() - self.last_end
+        return rank0_decides(self.last_s <= self.cfg.max_overhead * (since + self.last_s), self.device)
+
+    @contextmanager
+    def timed(self):
+        start = time.perf_counter()
+        yield
+        self.last_end = time.perf_counter()
+        self.last_s = self.last_end - start
+        self.total_s += self.last_s
+
+
+def write_on_rank0(state: dict, run_dir: Path | None, step: int, keep: int, env) -> None:
+    """Rank 0 writes into run_dir/checkpoints (nothing without a run directory); every rank learns whether it
+    could (a full disk), rather than finding rank 0 gone at the next collective and blaming a dead peer."""
+    error = None
+    if env.is_main and run_dir is not None:
+        try:
+            save(state, run_dir / "checkpoints", step, keep)
+        except CheckpointError as e:
+            error = e
+    if not rank0_decides(error is None, env.device):
+        raise error or CheckpointError("rank 0 could not write the checkpoint (its error says why)")
+
+
+def all_rng_states(gen: torch.Generator) -> list[dict]:
+    """Every rank's random streams, by rank (a collective: all ranks call it at the same step)."""
+    states = [rng_state(gen)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, rng_state(gen))
+    return states

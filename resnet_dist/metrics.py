@@ -4,6 +4,7 @@ rank 0 gets real loggers, the other ranks a no-op. Loggers only format and send 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -129,6 +130,36 @@ class TrainMeter:
         # checkpoints without the interval's time: restart the interval's clock, its images/s then too high
         self.interval_s = state.get("interval_time", 0.0)
         self.epoch_sums, self.epoch_s = list(state["epoch_sums"]), state["epoch_time"]
+
+
+class Diverged(RuntimeError):
+    """The loss or the weights stopped being finite; every rank raises it at the same step."""
+
+
+class LossGuard:
+    """Stops a diverging run: the losses it checks are the ones already summed over ranks (each log interval,
+    each epoch end), so every rank raises Diverged at the same step; it remembers the last finite loss."""
+
+    def __init__(self, lr: float):
+        self.lr, self.last = lr, None  # last: (step, loss) of the last finite check
+
+    def check(self, step: int, *losses: float) -> None:
+        bad = [v for v in losses if not math.isfinite(v)]
+        if bad:
+            raise self.diverged(step, f"the loss is {bad[0]}")
+        self.last = (step, losses[0])
+
+    def diverged(self, step: int, what: str) -> Diverged:
+        before = (
+            f"last finite loss {self.last[1]:.4g} at step {self.last[0]}"
+            if self.last
+            else "no finite loss before"
+        )
+        return Diverged(
+            f"training diverged at step {step}: {what} ({before}); no checkpoint was written with these weights. "
+            f"Lower train.lr (now {self.lr:g}) or add warm-up, then resume from an earlier checkpoint or start "
+            "over with checkpoint.resume=never"
+        )
 
 
 @dataclass

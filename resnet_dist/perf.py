@@ -96,3 +96,16 @@ class Clock:
             torch.cuda.synchronize()
             return a.elapsed_time(b) / 1000
         return b - a
+
+
+def mfu_per_image_per_s(cfg, device: torch.device, precision: str) -> float | None:
+    """MFU of one image per second per rank, on GPUs whose datasheet peak is known (None elsewhere): the
+    training log multiplies it by images/s. FLOPs counted once, on the model."""
+    peak = peak_tflops(device_name(device), precision, torch.backends.cudnn.allow_tf32)
+    return train_flops_per_image(cfg) / (peak * 1e12) if peak else None
+
+
+def debug_delay(spec: str, rank: int) -> float:
+    """dist.debug_delay=RANK:SECONDS: the seconds this rank sleeps before each forward pass (else 0)."""
+    who, _, seconds = spec.partition(":")
+    return float(seconds) if who and int(who) == rank else 0.0

@@ -11,10 +11,18 @@ from pathlib import Path
 
 from . import checkpoint, cli, config, distributed, export, rundir, tensorboard_logger, wandb_logger
 from .data import DataError, load_splits
-from .metrics import ConsoleLogger, JsonlLogger, MetricsError, MultiLogger, NullLogger, truncate_jsonl
+from .metrics import (
+    ConsoleLogger,
+    Diverged,
+    JsonlLogger,
+    MetricsError,
+    MultiLogger,
+    NullLogger,
+    truncate_jsonl,
+)
 from .optim import CUBLAS_DETERMINISTIC, configure_backends
 from .profiling import NoProfiler, StepProfiler
-from .trainer import Diverged, Outcome, Trainer
+from .trainer import Outcome, Trainer
 
 
 def requeue_slurm_job(env=os.environ) -> None:

@@ -8,27 +8,21 @@ group, so `fit()` runs in a test on a few synthetic tensors.
 from __future__ import annotations
 
 import enum
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint, optim, perf
 from .config import Config
 from .data import Splits, TrainBatches, augment_seed
-from .distributed import DistEnv, NoPreemption, Preemption, broadcast_buffers, rank0_decides, wrap_ddp
+from .distributed import DistEnv, NoPreemption, Preemption, broadcast_buffers, wrap_ddp
 from .evaluate import Evaluator
-from .metrics import EpochMedia, NullLogger, TrainMeter, progress_bar
+from .metrics import EpochMedia, LossGuard, NullLogger, TrainMeter, progress_bar
 from .model import build_model, compiled, memory_format
 from .profiling import NoProfiler
-
-
-class Diverged(RuntimeError):
-    """The loss or the weights stopped being finite; every rank raises it at the same step."""
 
 
 class Outcome(enum.Enum):
@@ -47,9 +41,9 @@ class Trainer:
     epoch: int
     step_in_epoch: int
     global_step: int
-    # metrics: the meter has the training loss, accuracy and time; these the evaluation and checkpoint time
+    # metrics: the meter has the training loss, accuracy and time; the guard stops a diverging run
     meter: TrainMeter
-    seconds: dict[str, float]
+    guard: LossGuard
     # run bookkeeping: one confusion matrix per epoch (plots.py draws the last); what every checkpoint carries
     history: list[dict]
     meta: dict
@@ -91,15 +85,11 @@ class Trainer:
         self.evaluator = Evaluator.from_config(cfg, dev)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.meter = TrainMeter(dev, t.batch_size)
-        self.seconds = {"eval": 0.0, "save": 0.0}
-        self.last_save_s, self.last_save_end = 0.0, time.perf_counter()  # for the checkpoint overhead rule
+        self.eval_s, self.cadence = 0.0, checkpoint.SaveCadence(cfg.checkpoint, t.epochs, dev)
+        self.guard = LossGuard(t.lr)
         self.history, self.meta = [], dict(meta or {})
-        self.last_finite = (-1, float("nan"))  # (step, loss) of the last finite interval loss
-        rank, _, seconds = cfg.dist.debug_delay.partition(":")
-        self.delay_s = float(seconds) if rank and int(rank) == env.rank else 0.0
-        # MFU in the step records, on GPUs whose datasheet peak is known: FLOPs counted once on the model
-        peak = perf.peak_tflops(perf.device_name(dev), self.precision, torch.backends.cudnn.allow_tf32)
-        self.flops_per_peak = perf.train_flops_per_image(cfg) / (peak * 1e12) if peak else None
+        self.delay_s = perf.debug_delay(cfg.dist.debug_delay, env.rank)  # a simulated straggler (testing)
+        self.mfu_factor = perf.mfu_per_image_per_s(cfg, dev, self.precision)  # None off GPUs
 
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -112,8 +102,7 @@ class Trainer:
             # gradients are all-reduced once, with the last micro-batch: the others only accumulate locally
             with self.ddp.no_sync() if self.ddp and i < n - 1 else nullcontext():
                 start = self.meter.device_clock.mark()
-                if self.delay_s:  # dist.debug_delay: a simulated straggler
-                    time.sleep(self.delay_s)
+                time.sleep(self.delay_s)  # dist.debug_delay, a simulated straggler: 0 s unless testing
                 with self.autocast:
                     out = self.train_model(xm.contiguous(memory_format=self.memory_format))
                     loss = self.loss_fn(out, ym)
@@ -160,11 +149,11 @@ class Trainer:
         """Sum the interval's metrics over ranks (the one collective and host sync of the interval) and log."""
         interval = self.meter.flush()
         lr = self.scheduler.get_last_lr()[0]
-        self.check_finite(interval["train/loss"])
+        self.guard.check(self.global_step, interval["train/loss"])
         bar.set_postfix_str(f"loss {interval['train/loss']:.4f} lr {lr:.4g}")
         record = {"kind": "step", "epoch": self.epoch, "step": self.global_step, **interval, "lr": lr}
-        if self.flops_per_peak:
-            record["mfu"] = self.flops_per_peak * interval["images_per_s"] / self.env.world_size
+        if self.mfu_factor:
+            record["mfu"] = self.mfu_factor * interval["images_per_s"] / self.env.world_size
         if self.env.device.type == "cuda":
             record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         self.logger.log(record)
@@ -177,14 +166,14 @@ class Trainer:
             record["lr"] = self.scheduler.get_last_lr()[0]
             start = time.perf_counter()
             result = self.evaluate()
-            self.seconds["eval"] += time.perf_counter() - start
+            self.eval_s += time.perf_counter() - start
             confusion = result.pop("confusion")
             record.update(result)
-            self.check_finite(record["train/loss"], record["test/loss"])
+            self.guard.check(self.global_step, record["train/loss"], record["test/loss"])
             self.history.append({"epoch": self.epoch, "confusion": confusion})
             self.logger.log(record, self.media(confusion))
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            if self.epoch_save_due():
+            if self.cadence.due(self.epoch):
                 self.save()
                 return True
         return False
@@ -195,85 +184,37 @@ class Trainer:
 
     def media(self, confusion: list) -> EpochMedia:
         """The epoch's pictures for the loggers: misclassified images only when one of them shows them."""
-        errors = []
-        if self.logger.wants_examples:
-            errors = self.evaluator.misclassified(self.ema.module, self.data.test_x, self.data.test_y)
+        wanted, ema, data = self.logger.wants_examples, self.ema.module, self.data
+        errors = self.evaluator.misclassified(ema, data.test_x, data.test_y) if wanted else []
         return EpochMedia(self.epoch, confusion, errors)
 
     def time_split(self) -> dict[str, float]:
         """Seconds of this process spent training, evaluating and saving checkpoints."""
-        return {"train": self.meter.train_s, **self.seconds}
+        return {"train": self.meter.train_s, "eval": self.eval_s, "save": self.cadence.total_s}
 
     def stop(self, saved: bool = False) -> Outcome:
         self.preemption.drain()
         if not saved:
             self.save()
         if self.env.is_main:
-            print(
-                f"preempted: checkpoint saved at step {self.global_step}; the same command resumes",
-                flush=True,
-            )
+            step = self.global_step
+            print(f"preempted: checkpoint saved at step {step}; the same command resumes", flush=True)
         return Outcome.PREEMPTED
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def epoch_save_due(self) -> bool:
-        """The last epoch always saves; others every `checkpoint.every_epochs`, unless saving would take more
-        than `checkpoint.max_overhead` of the time since the previous save (fast GPUs, tiny epochs). Rank 0's
-        clock decides for all: every rank takes part in a save."""
-        c = self.cfg.checkpoint
-        if self.epoch >= self.cfg.train.epochs:
-            return True
-        if self.epoch % c.every_epochs:
-            return False
-        since = time.perf_counter() - self.last_save_end
-        return rank0_decides(self.last_save_s <= c.max_overhead * (since + self.last_save_s), self.env.device)
-
-    def check_finite(self, *losses: float) -> None:
-        """Stop all ranks together on a non-finite loss (each rank holds the same, all-reduced value)."""
-        if not all(math.isfinite(v) for v in losses):
-            raise self.diverged(f"the loss is {next(v for v in losses if not math.isfinite(v))}")
-        self.last_finite = (self.global_step, losses[0])
-
-    def diverged(self, what: str) -> Diverged:
-        step, loss = self.last_finite
-        before = (
-            f"last finite loss {loss:.4g} at step {step}" if step >= 0 else "no finite loss logged before"
-        )
-        return Diverged(
-            f"training diverged at step {self.global_step}: {what} ({before}); no checkpoint was written with "
-            f"these weights. Lower train.lr (now {self.cfg.train.lr:g}) or add warm-up, then resume from an "
-            "earlier checkpoint or start over with checkpoint.resume=never"
-        )
-
     def save(self) -> None:
-        start = time.perf_counter()
-        state = self.state_dict()  # collective: every rank calls save() at the same step
-        if not checkpoint.finite(state):  # the same weights on every rank: all stop here together
-            raise self.diverged("the weights are not finite")
-        error = None
-        if self.env.is_main and self.run_dir is not None:
-            try:
-                checkpoint.save(
-                    state, self.run_dir / "checkpoints", self.global_step, self.cfg.checkpoint.keep
-                )
-            except checkpoint.CheckpointError as e:
-                error = e
-        # the other ranks learn that rank 0's write failed, rather than finding rank 0 gone at the next step
-        if not rank0_decides(error is None, self.env.device):
-            raise error or checkpoint.CheckpointError(
-                "rank 0 could not write the checkpoint (its error says why)"
+        with self.cadence.timed():
+            state = self.state_dict()  # collective: every rank calls save() at the same step
+            if not checkpoint.finite(state):  # the same weights on every rank: all stop here together
+                raise self.guard.diverged(self.global_step, "the weights are not finite")
+            checkpoint.write_on_rank0(
+                state, self.run_dir, self.global_step, self.cfg.checkpoint.keep, self.env
             )
-        self.last_save_end = time.perf_counter()
-        self.last_save_s = self.last_save_end - start
-        self.seconds["save"] += self.last_save_s
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly (all ranks take part: it gathers RNG states)."""
         progress = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
         progress.update(sampler_seed=self.batches.sampler.seed, **self.meter.state_dict())  # collective
-        rngs = [checkpoint.rng_state(self.gen)] * self.env.world_size
-        if self.env.distributed:
-            dist.all_gather_object(rngs, rngs[0])
         return {
             "model": self.model.state_dict(),  # the unwrapped module: no "module." prefixes
             "ema": self.ema.state_dict(),  # None without EMA; evaluation uses these weights when present
@@ -281,7 +222,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "progress": progress,
-            "rng": rngs,
+            "rng": checkpoint.all_rng_states(self.gen),  # every rank's streams (collective)
             "config": self.cfg.to_dict(),
             "world_size": self.env.world_size,
             "history": self.history,
@@ -304,7 +245,5 @@ class Trainer:
         self.batches.sampler.seed = p["sampler_seed"]  # the run's data order, even if run.seed changed since
         self.meter.load_state_dict(p, self.env.is_main)
         fresh = augment_seed(self.cfg.run.seed, self.env.rank, self.global_step)
-        note = checkpoint.restore_rng(state["rng"], self.env.rank, self.gen, fresh)
-        if note and self.env.is_main:
-            print(note, flush=True)
+        checkpoint.restore_rng(state["rng"], self.env.rank, self.gen, fresh, say=self.env.is_main)
         self.history = list(state.get("history", []))
