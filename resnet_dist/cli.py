@@ -7,6 +7,18 @@ import sys
 from typing import NoReturn
 
 
+def checkpoint_parser(module: str, doc: str, checkpoint_help: str, out_help: str) -> argparse.ArgumentParser:
+    """The parser of a tool that reads one checkpoint (`--checkpoint`) and writes into a folder (`--out`)."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m resnet_dist.{module}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    p.add_argument("--out", help=out_help)
+    return p
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """The parser's options plus `overrides` (KEY=VALUE ...), in any order."""
     parser.add_argument(

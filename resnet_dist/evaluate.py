@@ -10,7 +10,6 @@ Rank 0 prints overall and per-class accuracy and the confusion matrix, writes <c
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -179,15 +178,12 @@ def write_outputs(result: dict, summary: dict, path: Path, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m resnet_dist.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.checkpoint_parser(
+        "evaluate",
+        __doc__,
+        "a checkpoint file (e.g. runs/NAME/checkpoints/last.pt)",
+        "folder for the JSON and PNG (default: the checkpoint's folder)",
     )
-    p.add_argument(
-        "--checkpoint", required=True, help="a checkpoint file (e.g. runs/NAME/checkpoints/last.pt)"
-    )
-    p.add_argument("--out", help="folder for the JSON and PNG (default: the checkpoint's folder)")
     args = cli.parse(p, sys.argv[1:] if argv is None else argv)
     path = Path(args.checkpoint)
     if not path.is_file():

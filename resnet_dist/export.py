@@ -25,7 +25,6 @@ Every file is written to a temporary name and renamed: a failed export never lea
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -382,15 +381,12 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m resnet_dist.export",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.checkpoint_parser(
+        "export",
+        __doc__,
+        "a checkpoint file (e.g. runs/NAME/checkpoints/last.pt)",
+        "the export folder (default: <run dir>/export)",
     )
-    p.add_argument(
-        "--checkpoint", required=True, help="a checkpoint file (e.g. runs/NAME/checkpoints/last.pt)"
-    )
-    p.add_argument("--out", help="the export folder (default: <run dir>/export)")
     p.add_argument("--format", help="safetensors, onnx or both (default: safetensors,onnx)")
     p.add_argument(
         "--verify-only",

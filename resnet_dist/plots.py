@@ -8,7 +8,6 @@ On demand, from a checkpoint (its history holds one confusion matrix per epoch):
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from . import cli  # noqa: E402
 from .data import CLASSES  # noqa: E402
 
 
@@ -109,15 +109,12 @@ def write_run_plots(run_dir: Path, history: list[dict], out: Path | None = None)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m resnet_dist.plots",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.checkpoint_parser(
+        "plots",
+        __doc__,
+        "a checkpoint of the run (its run directory holds metrics.jsonl)",
+        "folder for the PNGs (default: the run directory)",
     )
-    p.add_argument(
-        "--checkpoint", required=True, help="a checkpoint of the run (its run directory holds metrics.jsonl)"
-    )
-    p.add_argument("--out", help="folder for the PNGs (default: the run directory)")
     args = p.parse_args(argv)
     from . import checkpoint
 
