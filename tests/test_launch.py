@@ -347,17 +347,21 @@ def test_losing_a_node_keeps_the_run(tmp_path, data_root):
     the newest checkpoint at world size 1 with the same global batch, and finishes; nothing logged twice."""
     port = free_port()
     cmd = ["bash", "launch/torchrun_multinode.sh", "--nnodes", "1:2", "--rdzv", f"127.0.0.1:{port}"]
-    cmd += ["--nproc", "1", "--max-restarts", "3", "--rdzv-conf", "last_call_timeout=5"]
+    cmd += ["--nproc", "1", "--max-restarts", "3", "--rdzv-conf"]
     args = small_run(
         data_root, tmp_path, "el", "checkpoint.every_steps=2", "log.every_steps=1", "data.test_subset=200"
     )
+    # the rendezvous store lives in the agent that hosts it, so that agent must be the survivor: say which
+    # (both agents are on 127.0.0.1, where torchrun would otherwise let whichever starts first host it)
     out = subprocess.PIPE
-    host = subprocess.Popen(cmd + args, cwd=REPO, env=clean_env(), text=True, stdout=out, stderr=out)
-    time.sleep(
-        0.5
-    )  # the first agent hosts the rendezvous store, so it must be the survivor; both join round 0
+    host_cmd = [*cmd, "last_call_timeout=5,is_host=true", *args]
+    host = subprocess.Popen(host_cmd, cwd=REPO, env=clean_env(), text=True, stdout=out, stderr=out)
     node = subprocess.Popen(
-        cmd + args, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*cmd, "last_call_timeout=5,is_host=false", *args],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )  # bash execs torchrun: node.pid is the agent
     ckpt = tmp_path / "el" / "checkpoints" / "step-00000010.pt"  # in epoch 1, after epoch 0 on 2 ranks
     deadline = time.time() + 180
