@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from .distributed import rank0_decides
 
@@ -30,14 +29,18 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    buf = io.BytesIO()
-    torch.save(obj, buf)  # in memory first: a failed write then raises the OSError itself (ENOSPC, EIO...),
-    try:  # where torch.save into the file would say only "unexpected pos"
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
+def atomic_write(path: Path, write, tmp: Path | None = None) -> Path:
+    """`write(tmp)`, then fsync it and rename it over `path`: a reader (or a crash) sees the old file or the
+    new one, never half of one; a failed write leaves no temporary behind. The temporary is
+    `.<name>.tmp-<pid>` (no checkpoint suffix) unless `tmp` names another. It gets the permissions a plain
+    open() would give (some writers create their files 0600)."""
+    tmp = tmp or path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
@@ -47,6 +50,13 @@ def atomic_save(obj, path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return path
+
+
+def atomic_save(obj, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # in memory first: a failed write then raises the OSError itself (ENOSPC, EIO...),
+    atomic_write(path, lambda tmp: tmp.write_bytes(buf.getbuffer()))  # not torch's "unexpected pos"
 
 
 def save(state: dict, ckpt_dir: Path, step: int, keep: int) -> Path:
@@ -231,12 +241,3 @@ def write_on_rank0(state: dict, run_dir: Path | None, step: int, keep: int, env)
             error = e
     if not rank0_decides(error is None, env.device):
         raise error or CheckpointError("rank 0 could not write the checkpoint (its error says why)")
-
-
-def all_rng_states(gen: torch.Generator) -> list[dict]:
-    """Every rank's random streams, by rank (a collective: all ranks call it at the same step)."""
-    states = [rng_state(gen)]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, rng_state(gen))
-    return states

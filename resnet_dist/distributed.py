@@ -361,8 +361,13 @@ def rendezvous_store(info: dict, timeout: datetime.timedelta, env=os.environ) ->
     return dist.PrefixStore(f"resnet_dist/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def in_group() -> bool:
+    """Whether a process group exists (collectives run); without one, the helpers below are for one process."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if in_group():
         dist.destroy_process_group()
 
 
@@ -393,22 +398,31 @@ def explain_failure(e: BaseException, timeout_s: int) -> str | None:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum `t` over all ranks in place (nothing to do for one process)."""
-    if dist.is_available() and dist.is_initialized():
+    if in_group():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Every rank's 1-d tensor `t`, as the rows of a [world_size, len(t)] tensor (one row for one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not in_group():
         return t[None]
     rows = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, t)
     return torch.stack(rows)
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (picklable), by rank."""
+    if not in_group():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
 def broadcast_object(obj, src: int = 0):
-    if dist.is_available() and dist.is_initialized():
+    if in_group():
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
@@ -419,7 +433,7 @@ def rank0_first(fn, errors: tuple[type[BaseException], ...]):
     """fn() on rank 0 alone (the filesystem work of a run), its result broadcast to every rank. When it raises
     one of `errors`, every rank raises that exception, so all ranks stop together for rank 0's reason."""
     outcome = None
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    if not in_group() or dist.get_rank() == 0:
         try:
             outcome = (True, fn())
         except errors as e:
@@ -431,7 +445,7 @@ def rank0_first(fn, errors: tuple[type[BaseException], ...]):
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if in_group():
         dist.barrier()
 
 
@@ -467,7 +481,7 @@ def wrap_ddp(model: torch.nn.Module, env: DistEnv, bucket_mb: int, compression: 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank `src`'s buffers (BatchNorm statistics): each rank's drift apart between DDP's
     broadcasts, and an evaluation must use one set, the one the checkpoint holds."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not in_group() or dist.get_world_size() == 1:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for b in module.buffers():
@@ -482,7 +496,7 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 
 def rank0_decides(value: bool, device: torch.device) -> bool:
     """Rank 0's `value` on every rank (for decisions taken from one rank's clock)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not in_group():
         return value
     t = torch.tensor([float(value)], device=device)
     dist.broadcast(t, 0)
@@ -628,8 +642,6 @@ def self_test(size_mb: int = 64, iters: int = 5) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
-
     if sys.argv[1:] != ["--self-test"]:
         print("usage: python -m resnet_dist.distributed --self-test", file=sys.stderr)
         sys.exit(2)

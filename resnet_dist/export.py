@@ -54,20 +54,9 @@ class ExportError(RuntimeError):
 
 
 def atomic_write(path: Path, write) -> Path:
-    """`write(tmp)` then rename over `path`: a crash or an error leaves the old file or none, never half a
-    file. The temporary name keeps the suffix (some writers look at it)."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (some writers create their files 0600)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """checkpoint.atomic_write, with the temporary named `.tmp-<pid>-<name>`: it keeps the file's suffix
+    (some writers look at it)."""
+    return checkpoint.atomic_write(path, write, tmp=path.with_name(f".tmp-{os.getpid()}-{path.name}"))
 
 
 def default_out(ckpt: Path) -> Path:

@@ -18,7 +18,7 @@ from torch import nn
 from . import checkpoint, optim, perf
 from .config import Config
 from .data import Splits, TrainBatches, augment_seed
-from .distributed import DistEnv, NoPreemption, Preemption, broadcast_buffers, wrap_ddp
+from .distributed import DistEnv, NoPreemption, Preemption, all_gather_object, broadcast_buffers, wrap_ddp
 from .evaluate import Evaluator
 from .metrics import EpochMedia, LossGuard, NullLogger, TrainMeter, progress_bar
 from .model import build_model, compiled, memory_format
@@ -222,7 +222,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "progress": progress,
-            "rng": checkpoint.all_rng_states(self.gen),  # every rank's streams (collective)
+            "rng": all_gather_object(checkpoint.rng_state(self.gen)),  # every rank's streams (collective)
             "config": self.cfg.to_dict(),
             "world_size": self.env.world_size,
             "history": self.history,
