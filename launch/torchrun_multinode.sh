@@ -7,13 +7,15 @@
 #   bash launch/torchrun_multinode.sh --nnodes 2 --rdzv head-node:29500 --node-rank 1 [KEY=VALUE ...]
 #       static rendezvous: fixed node ranks, rank 0's node must be head-node
 #   bash launch/torchrun_multinode.sh --nnodes 1:4 --max-restarts 3 --rdzv head-node:29500 [KEY=VALUE ...]
-#       elastic: 1 to 4 nodes. When a node dies (or joins), torchrun restarts the workers of the nodes that
+#       elastic: 1 to 4 nodes. When a node dies, torchrun restarts the workers of the nodes that
 #       are left; they resume from the newest checkpoint at the new world size, with the same global batch
 #       (more images per rank), and metrics.jsonl records each epoch's world_size. Give run.name (or the same
 #       RDZV_ID on every node) so that every attempt finds the run directory. The rendezvous lives in the
-#       agent on head-node: losing that node ends the run (an etcd rendezvous would survive it). A node
-#       that left waits --rdzv-conf last_call_timeout (default 30 s) before the survivors go on; set
-#       RDZV_CONF=last_call_timeout=5 (or --rdzv-conf) to go on sooner.
+#       agent on head-node: losing that node ends the run (an etcd rendezvous would survive it); say which
+#       agent hosts it with --rdzv-conf is_host=true / is_host=false when the hostname does not tell. (A node
+#       rejoining mid-run is untested: see README.) A node that left waits --rdzv-conf last_call_timeout
+#       (default 30 s) before the survivors go on; set RDZV_CONF=last_call_timeout=5 (or --rdzv-conf) to go
+#       on sooner.
 #
 # The same settings from the environment: NNODES, RDZV (host:port), NODE_RANK, NPROC (processes per
 # node, default: the node's GPUs, else 2 CPU processes), MAX_RESTARTS (default 0), RDZV_CONF (c10d

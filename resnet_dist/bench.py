@@ -24,7 +24,7 @@ from . import cli, config, distributed
 from .data import MEAN, STD, load_split, load_splits, normalize, prepare
 from .model import build_model, memory_format
 from .optim import autocast_for, configure_backends, make_optimizer, resolve_precision
-from .perf import Clock, matmul_ceiling_tflops, peak_tflops, train_flops_per_image
+from .perf import Clock, device_name, matmul_ceiling_tflops, peak_tflops, train_flops_per_image
 from .trainer import Trainer
 
 
@@ -133,10 +133,9 @@ def run(cfg, env, mode: str, steps: int, warmup: int, workers: int) -> dict:
     slowest = max(per_rank_times)
     images_per_s = cfg.train.batch_size / slowest  # the global batch advances at the pace of the slowest rank
     achieved = flops * images_per_s / env.world_size / 1e12
-    cuda = env.device.type == "cuda"
-    name = torch.cuda.get_device_name(env.device) if cuda else None
-    peak = peak_tflops(name, precision, torch.backends.cudnn.allow_tf32) if cuda else None
-    ceiling = matmul_ceiling_tflops(env.device) if cuda else None
+    name = device_name(env.device)  # None on CPU: no datasheet peak, no matmul ceiling
+    peak = peak_tflops(name, precision, torch.backends.cudnn.allow_tf32)
+    ceiling = matmul_ceiling_tflops(env.device) if name else None
     return {
         "mode": mode,
         "device": name or "cpu",

@@ -20,12 +20,12 @@ class RunDirError(RuntimeError):
 
 
 def run_name(cfg, env=os.environ) -> str:
-    """`run.name`, else the SLURM job id (ARRAYJOBID_TASKID in an array; a requeued job keeps it), else a timestamp. A worker group that
-    torchrun restarted (--max-restarts) finds the directory its first attempt made, by torchrun's run id."""
-    if cfg.run.name:
-        return cfg.run.name
-    if slurm_job_name(env):
-        return slurm_job_name(env)
+    """`run.name`, else the SLURM job id (ARRAYJOBID_TASKID in an array; a requeued job keeps it), else a
+    timestamp. A worker group that torchrun restarted (--max-restarts) finds the directory its first attempt
+    made, by torchrun's run id."""
+    name = cfg.run.name or slurm_job_name(env)
+    if name:
+        return name
     torchrun_id = env.get("TORCHELASTIC_RUN_ID", "none")
     if torchrun_id != "none" and int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         marks = Path(cfg.run.dir).glob(f"*/{TORCHRUN_MARK}")
