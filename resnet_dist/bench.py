@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     except config.ConfigError as e:
         cli.usage_error(str(e))
     try:
-        env = distributed.setup(cfg.dist.timeout_s)
+        env = distributed.setup(cfg.dist.timeout_s, cfg.dist.backend)
     except distributed.LaunchError as e:
         cli.usage_error(str(e))
     configure_backends(env.device, cfg.run.deterministic)

@@ -129,6 +129,12 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
+    backend: str = knob(
+        "auto",
+        "process-group backend: auto (nccl on GPUs, gloo on CPU), nccl, or gloo (on GPUs it lets several ranks "
+        "share one GPU: the multi-rank code on a one-GPU machine)",
+        choices=("auto", "nccl", "gloo"),
+    )
     timeout_s: int = checked(
         600, "collective timeout in seconds: a dead peer fails the others after this", positive
     )

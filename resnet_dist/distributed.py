@@ -215,7 +215,17 @@ def check_launch(info: dict, env=os.environ, gpus: int = 0) -> tuple[list[str], 
     return errors, warnings
 
 
-def setup(timeout_s: int = 600) -> DistEnv:
+def choose_backend(requested: str, device: torch.device) -> str:
+    """dist.backend: auto is NCCL on GPUs and gloo on CPU; gloo also takes CUDA tensors (staged through the
+    host, slower): the only backend with which several ranks can share one GPU."""
+    if requested == "nccl" and device.type != "cuda":
+        raise LaunchError("dist.backend=nccl needs GPUs (this process sees none): use auto or gloo")
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    return requested
+
+
+def setup(timeout_s: int = 600, backend: str = "auto") -> DistEnv:
     """Check the launch, bind the device and create the process group (a no-op for a single process).
 
     Raises LaunchError (nothing created yet) for a launch mistake; DistEnv.warnings holds the milder ones.
@@ -228,14 +238,15 @@ def setup(timeout_s: int = 600) -> DistEnv:
     device = device_for(info["local_rank"], gpus)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = None
+    requested, backend = backend, None
     if info["world_size"] > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = choose_backend(requested, device)
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = info["master_addr"], str(info["master_port"])
         timeout = datetime.timedelta(seconds=timeout_s)
         store = within(timeout_s, lambda: rendezvous_store(info, timeout), info)
-        # one GPU per task, unless the tasks all see the same one
-        if gpus == 1 and info["local_world_size"] > 1:
+        # one GPU per task, unless the tasks all see the same one (NCCL refuses two ranks on one GPU; gloo
+        # runs them, for testing the multi-rank code on a one-GPU machine)
+        if gpus == 1 and info["local_world_size"] > 1 and backend == "nccl":
             clash = shared_gpu(exchange(store, "gpu", info["rank"], info["world_size"], gpu_identity(device)))
             if clash:
                 raise LaunchError(clash)
@@ -338,7 +349,7 @@ def shared_gpu(identities: list[str]) -> str | None:
             return (
                 f"ranks {first[ident]} and {rank} both see only GPU {uuid} on {host}: each process sees one GPU "
                 "but not its own; bind one GPU per task (srun --gpus-per-task=1) or let every process see all "
-                "of the node's GPUs"
+                "of the node's GPUs (dist.backend=gloo runs several ranks on one GPU, slowly: for tests)"
             )
         first[ident] = rank
     return None

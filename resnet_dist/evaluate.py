@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         cli.usage_error(str(e))
 
     try:
-        env = distributed.setup(cfg.dist.timeout_s)
+        env = distributed.setup(cfg.dist.timeout_s, cfg.dist.backend)
     except distributed.LaunchError as e:
         cli.usage_error(str(e))
     try:

@@ -22,7 +22,9 @@ class TrainMeter:
     """Training loss and accuracy, the training clock, and each rank's own compute time, from step to log
     interval to epoch.
 
-    `add()` keeps each step's (loss sum, correct) on the device: no host sync per step. `flush()` gathers the
+    `add()` keeps each step's (loss sum, correct) on the device: no host sync per step; `count_step()` folds
+    them into the interval, unless fp16's loss scaler skipped the step (its loss may be inf: a step that left
+    no trace in the weights leaves none in the loss either; amp/skipped counts it). `flush()` gathers the
     interval from all ranks in one collective (the interval's one host sync): the sums, and each rank's
     forward-pass time, the part of a step in which no rank waits for another (DDP's gradient all-reduce
     makes every rank's step as slow as the slowest), so that a straggler shows. The clock counts training
@@ -32,9 +34,12 @@ class TrainMeter:
     def __init__(self, device: torch.device, global_batch: int):
         self.global_batch = global_batch  # images per step over all ranks
         self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's open interval
-        self.steps = 0  # steps in the open interval
+        self.step_sums = torch.zeros(2, dtype=torch.float64, device=device)  # the step being taken
+        self.steps = 0  # steps in the open interval (images/s counts them all)
+        self.trained = 0  # of which the optimizer took (train/loss and train/acc average over these)
         # loss sum, correct, images of the epoch so far: already over all ranks
         self.epoch_sums = [0.0, 0.0, 0]
+        self.epoch_steps = 0  # steps of the epoch so far (its images/s)
         self.epoch_s = self.interval_s = 0.0  # training seconds of the epoch / of the open interval
         self.train_s = 0.0  # training seconds of this process, all epochs
         self._mark: float | None = None  # when the clock was last read; None while it is stopped
@@ -45,14 +50,18 @@ class TrainMeter:
         """A (micro-)batch's mean loss and predictions: summed per image, on the device."""
         with torch.no_grad():
             correct = (logits.argmax(1) == labels).sum()
-            self.sums += torch.stack([loss.detach().double() * len(labels), correct.double()])
+            self.step_sums += torch.stack([loss.detach().double() * len(labels), correct.double()])
 
     def busy_since(self, start) -> None:
         """This rank worked alone from `start` (a device_clock mark) until now."""
         self.busy.append((start, self.device_clock.mark()))
 
-    def count_step(self) -> None:
-        """One optimizer step (all its micro-batches added): intervals and images/s count these."""
+    def count_step(self, trained: bool = True) -> None:
+        """One step (all its micro-batches added): images/s counts it; its loss counts if the optimizer took it."""
+        if trained:
+            self.sums += self.step_sums
+            self.trained += 1
+        self.step_sums.zero_()
         self.steps += 1
 
     def _read_clock(self) -> None:
@@ -82,31 +91,37 @@ class TrainMeter:
         loss_sum, correct = sum(r[0] for r in rows), sum(r[1] for r in rows)
         slowest, fastest = max(r[2] for r in rows), min(r[2] for r in rows)
         self._read_clock()  # after the sync: the device has finished the interval's work
-        n = self.steps * self.global_batch
+        n, trained = self.steps * self.global_batch, self.trained * self.global_batch
         self.epoch_sums = [
             self.epoch_sums[0] + loss_sum,
             self.epoch_sums[1] + correct,
-            self.epoch_sums[2] + n,
+            self.epoch_sums[2] + trained,
         ]
         interval = {
-            "train/loss": loss_sum / n,
-            "train/acc": correct / n,
+            "train/loss": loss_sum / trained if trained else None,  # None: fp16 skipped every step
+            "train/acc": correct / trained if trained else None,
             "images_per_s": n / self.interval_s if self.interval_s > 0 else 0.0,
             "time/slowest_s": slowest,
             "time/fastest_s": fastest,
             "time/straggler": slowest / fastest if fastest > 0 else 1.0,
         }
         self.epoch_s += self.interval_s
+        self.epoch_steps += self.steps
         self.train_s += self.interval_s
         self.sums.zero_()
-        self.steps, self.interval_s, self.busy = 0, 0.0, []
+        self.steps, self.trained, self.interval_s, self.busy = 0, 0, 0.0, []
         return interval
 
     def end_epoch(self) -> dict:
         """The epoch's loss, accuracy and images/s over all ranks; the next epoch starts from zero."""
-        loss_sum, correct, n = self.epoch_sums
-        epoch = {"train/loss": loss_sum / n, "train/acc": correct / n, "images_per_s": n / self.epoch_s}
-        self.epoch_sums, self.epoch_s = [0.0, 0.0, 0], 0.0
+        loss_sum, correct, n = self.epoch_sums  # n: the images of the steps the optimizer took
+        images = self.epoch_steps * self.global_batch
+        epoch = {
+            "train/loss": loss_sum / n if n else None,
+            "train/acc": correct / n if n else None,
+            "images_per_s": images / self.epoch_s,
+        }
+        self.epoch_sums, self.epoch_steps, self.epoch_s = [0.0, 0.0, 0], 0, 0.0
         return epoch
 
     def state_dict(self) -> dict:
@@ -117,8 +132,10 @@ class TrainMeter:
         return {
             "interval": [loss_sum, correct],
             "interval_steps": self.steps,
+            "interval_trained": self.trained,
             "interval_time": self.interval_s,
             "epoch_sums": list(self.epoch_sums),
+            "epoch_steps": self.epoch_steps,
             "epoch_time": self.epoch_s,
         }
 
@@ -126,10 +143,10 @@ class TrainMeter:
         self.sums.zero_()
         if is_main:  # the open interval was summed over ranks: rank 0 carries it alone
             self.sums += torch.tensor(state["interval"], dtype=torch.float64, device=self.sums.device)
-        self.steps = state["interval_steps"]
-        # checkpoints without the interval's time: restart the interval's clock, its images/s then too high
-        self.interval_s = state.get("interval_time", 0.0)
+        self.steps, self.trained = state["interval_steps"], state["interval_trained"]
+        self.interval_s = state["interval_time"]
         self.epoch_sums, self.epoch_s = list(state["epoch_sums"]), state["epoch_time"]
+        self.epoch_steps = state["epoch_steps"]
 
 
 class Diverged(RuntimeError):
@@ -143,11 +160,13 @@ class LossGuard:
     def __init__(self, lr: float):
         self.lr, self.last = lr, None  # last: (step, loss) of the last finite check
 
-    def check(self, step: int, *losses: float) -> None:
-        bad = [v for v in losses if not math.isfinite(v)]
+    def check(self, step: int, *losses: float | None) -> None:
+        """None: no loss was measured (fp16 skipped every step of the interval)."""
+        bad = [v for v in losses if v is not None and not math.isfinite(v)]
         if bad:
             raise self.diverged(step, f"the loss is {bad[0]}")
-        self.last = (step, losses[0])
+        if losses[0] is not None:
+            self.last = (step, losses[0])
 
     def diverged(self, step: int, what: str) -> Diverged:
         before = (
@@ -189,7 +208,7 @@ def scalars(record: dict) -> dict:
     out = {}
     for key, value in record.items():
         name = names.get(key, key)
-        if name and key not in NOT_SCALARS:
+        if name and key not in NOT_SCALARS and value is not None:  # None: not measured, not zero
             out[name] = value
     return out
 
@@ -252,6 +271,11 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def fmt(value: float | None) -> str:
+    """A metric for a console line: 4 decimals, or "-" when it was not measured (None)."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 class ConsoleLogger(NullLogger):
     """A plain line per epoch (the SLURM log reads well); step records only go to the other loggers."""
 
@@ -259,8 +283,8 @@ class ConsoleLogger(NullLogger):
         if record.get("kind") != "epoch":
             return
         print(
-            f"epoch {record['epoch'] + 1} step {record['step']}: train loss {record['train/loss']:.4f} "
-            f"acc {record['train/acc']:.4f} | test loss {record['test/loss']:.4f} acc {record['test/acc']:.4f} "
+            f"epoch {record['epoch'] + 1} step {record['step']}: train loss {fmt(record['train/loss'])} "
+            f"acc {fmt(record['train/acc'])} | test loss {record['test/loss']:.4f} acc {record['test/acc']:.4f} "
             f"({record['test/samples']} images) | {record['images_per_s']:.0f} img/s",
             flush=True,
         )

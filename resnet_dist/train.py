@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     if cfg.run.deterministic:  # read by cuBLAS when CUDA starts: before setup() touches the GPU
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     try:
-        env = distributed.setup(cfg.dist.timeout_s)
+        env = distributed.setup(cfg.dist.timeout_s, cfg.dist.backend)
     except distributed.LaunchError as e:  # a launch mistake: one line, exit 2, before anything is created
         cli.usage_error(str(e))
     if cfg.model.sync_bn and env.distributed and env.device.type != "cuda":
@@ -227,7 +227,8 @@ def main(argv=None) -> int:
             write_plots(run_dir, trainer.history)
             s = trainer.time_split()
             print(
-                f"time: training {s['train']:.1f} s, evaluation {s['eval']:.1f} s, checkpoints {s['save']:.1f} s",
+                f"time: training {s['train']:.1f} s, evaluation {s['eval']:.1f} s, checkpoints {s['save']:.1f} s"
+                + trainer.amp.summary(trainer.global_step),
                 flush=True,
             )
             if outcome is Outcome.DONE:

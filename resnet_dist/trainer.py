@@ -20,7 +20,7 @@ from .config import Config
 from .data import Splits, TrainBatches, augment_seed
 from .distributed import DistEnv, NoPreemption, Preemption, all_gather_object, broadcast_buffers, wrap_ddp
 from .evaluate import Evaluator
-from .metrics import EpochMedia, LossGuard, NullLogger, TrainMeter, progress_bar
+from .metrics import EpochMedia, LossGuard, NullLogger, TrainMeter, fmt, progress_bar
 from .model import build_model, compiled, memory_format
 from .profiling import NoProfiler
 
@@ -78,9 +78,9 @@ class Trainer:
         self.ema = optim.make_ema(self.model, t.ema_decay)
         self.precision = optim.resolve_precision(t.precision, dev)
         self.autocast = optim.autocast_for(self.precision, dev)
-        self.scaler = optim.grad_scaler(self.precision, dev)
+        self.amp = optim.loss_scaler(self.precision, self.model, dev)  # fp16's loss scaling, else a no-op
         self.optimizer = optim.make_optimizer(self.model, t, dev, self.precision)
-        self.scheduler = optim.make_scheduler(self.optimizer, t, t.epochs * self.batches.steps_per_epoch)
+        self.schedule = optim.Schedule(self.optimizer, t, t.epochs * self.batches.steps_per_epoch)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.evaluator = Evaluator.from_config(cfg, dev)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -95,6 +95,8 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One optimizer step on this rank's share of the global batch, in `train.accum_steps` micro-batches."""
         n = self.cfg.train.accum_steps
+        self.schedule.set(self.global_step)
+        self.amp.begin()
         # under DDP the gradients are views into its buckets (gradient_as_bucket_view): zero them in place,
         # or autograd allocates new ones each step and DDP copies them back into the buckets
         self.optimizer.zero_grad(set_to_none=self.ddp is None)
@@ -108,13 +110,12 @@ class Trainer:
                     loss = self.loss_fn(out, ym)
                 self.meter.busy_since(start)  # the forward pass: this rank's own work, no collective in it
                 # each micro-batch's mean loss weighs 1/n: the summed gradients are the global batch's mean
-                self.scaler.scale(loss / n).backward()  # DDP all-reduces bucket by bucket during the last one
+                self.amp.backward(loss / n)  # DDP all-reduces bucket by bucket during the last one
             self.meter.add(loss, out, ym)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.ema.update(self.model)
-        self.meter.count_step()
+        trained = self.amp.step(self.optimizer)  # False: fp16's gradients overflowed, the step was skipped
+        if trained:  # a skipped step leaves no trace (the loss scaler put the BatchNorm statistics back)
+            self.ema.update(self.model)
+        self.meter.count_step(trained)
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> Outcome:
@@ -147,11 +148,14 @@ class Trainer:
 
     def log_interval(self, bar) -> None:
         """Sum the interval's metrics over ranks (the one collective and host sync of the interval) and log."""
-        interval = self.meter.flush()
-        lr = self.scheduler.get_last_lr()[0]
+        interval, amp = self.meter.flush(), self.amp.interval_record()
+        lr = self.schedule.at(self.global_step - 1)  # the last step's
+        hopeless = self.amp.hopeless()  # fp16 only: the same on every rank
+        if hopeless:
+            raise self.guard.diverged(self.global_step, hopeless)
         self.guard.check(self.global_step, interval["train/loss"])
-        bar.set_postfix_str(f"loss {interval['train/loss']:.4f} lr {lr:.4g}")
-        record = {"kind": "step", "epoch": self.epoch, "step": self.global_step, **interval, "lr": lr}
+        bar.set_postfix_str(f"loss {fmt(interval['train/loss'])} lr {lr:.4g}")
+        record = {"kind": "step", "epoch": self.epoch, "step": self.global_step, **interval, "lr": lr, **amp}
         if self.mfu_factor:
             record["mfu"] = self.mfu_factor * interval["images_per_s"] / self.env.world_size
         if self.env.device.type == "cuda":
@@ -163,7 +167,7 @@ class Trainer:
         with self.meter.paused():
             record = {"kind": "epoch", "epoch": self.epoch, "step": self.global_step}
             record.update(world_size=self.env.world_size, **self.meter.end_epoch())
-            record["lr"] = self.scheduler.get_last_lr()[0]
+            record["lr"] = self.schedule.at(self.global_step - 1)
             start = time.perf_counter()
             result = self.evaluate()
             self.eval_s += time.perf_counter() - start
@@ -219,8 +223,7 @@ class Trainer:
             "model": self.model.state_dict(),  # the unwrapped module: no "module." prefixes
             "ema": self.ema.state_dict(),  # None without EMA; evaluation uses these weights when present
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "scaler": self.amp.state_dict(),  # None unless fp16
             "progress": progress,
             "rng": all_gather_object(checkpoint.rng_state(self.gen)),  # every rank's streams (collective)
             "config": self.cfg.to_dict(),
@@ -235,10 +238,8 @@ class Trainer:
         if state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         optim.load_optimizer_state(self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        optim.apply_settings(self.optimizer, self.scheduler, self.cfg.train)  # a changed train.lr, ...
-        if state["scaler"]:  # empty when the saving run had no GradScaler (bf16, fp32): fp16 starts afresh
-            self.scaler.load_state_dict(state["scaler"])
+        optim.apply_settings(self.optimizer, self.cfg.train)  # a changed momentum, weight decay, ...
+        self.amp.load_state_dict(state["scaler"])  # a run that was not fp16 saved None: fp16 starts afresh
         # progress counts global batches, the meter's sums are over all ranks: both carry over to any world size
         p = state["progress"]
         self.epoch, self.step_in_epoch, self.global_step = p["epoch"], p["step_in_epoch"], p["global_step"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,12 @@ def trained(tmp_path_factory, data_root) -> Path:
     proc = run([PY, "-m", "resnet_dist.train", *small_run(data_root, base, "t", "train.epochs=1")])
     assert proc.returncode == 0, proc.stderr
     return base / "t"
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers():
+    """Entry points called in-process install their own handlers (preemption): put pytest's back after."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

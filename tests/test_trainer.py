@@ -2,6 +2,7 @@
 devices, the checkpoint cadence, torch.compile's fallback, DDP's in-place gradients, the preemption agreement."""
 
 import collections
+import itertools
 import math
 import os
 import time
@@ -9,11 +10,11 @@ import time
 import pytest
 import torch
 
-from resnet_dist import checkpoint
+from resnet_dist import checkpoint, optim
 from resnet_dist.config import load as load_config
 from resnet_dist.data import Splits, load_splits
 from resnet_dist.distributed import DistEnv, Preemption
-from resnet_dist.metrics import NullLogger
+from resnet_dist.metrics import Diverged, NullLogger
 from resnet_dist.trainer import Outcome, Trainer
 
 from .helpers import RESUME, in_gloo_group, small_run, without_timing
@@ -26,8 +27,8 @@ CPU_ENV = DistEnv(
 def _tiny_trainer(data_root, run_dir, *overrides, meta=None):
     cfg = load_config(None, small_run(data_root, run_dir, "rt", *RESUME, *overrides), world_size=1)
     trainer = Trainer(cfg, CPU_ENV, load_splits(cfg.data, CPU_ENV.device), run_dir / "rt", meta=meta)
-    # fp16 autocast is very slow on CPU: an enabled GradScaler over fp32 math gives the scaler a real state
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    # fp16 autocast is very slow on CPU: an enabled loss scaler over fp32 math gives the scaler a real state
+    trainer.amp = optim.LossScaler(trainer.model, CPU_ENV.device, init_scale=1024.0, growth_interval=2)
     return trainer
 
 
@@ -54,7 +55,6 @@ def test_state_round_trip_of_every_part(tmp_path, data_root):
     assert {
         "model",
         "optimizer",
-        "scheduler",
         "scaler",
         "progress",
         "rng",
@@ -63,7 +63,7 @@ def test_state_round_trip_of_every_part(tmp_path, data_root):
         "wandb_id",
     } <= saved.keys()
     assert (
-        saved["scaler"]["scale"] == 2048.0 and saved["optimizer"]["state"]
+        saved["scaler"]["scaler"]["scale"] == 2048.0 and saved["optimizer"]["state"]
     )  # scaler grew once; momentum buffers
     path = checkpoint.save(saved, tmp_path / "ck", a.global_step, keep=2)
     b = _tiny_trainer(data_root, tmp_path, "run.seed=5", meta={"wandb_id": "abc123"})  # all from the file
@@ -120,15 +120,15 @@ def test_resume_across_precisions(tmp_path, data_root):
     a = _trainer(data_root, tmp_path, "train.precision=fp32")
     _steps(a, 1)
     state = a.state_dict()
-    assert state["scaler"] == {}
+    assert state["scaler"] is None
     b = _trainer(data_root, tmp_path, "train.precision=fp16")
     b.load_state_dict(state)  # a fresh GradScaler rather than "the source state dict is empty"
     _steps(b, 1)
     state = b.state_dict()
-    assert state["scaler"]["scale"] > 0
+    assert state["scaler"]["scaler"]["scale"] > 0
     c = _trainer(data_root, tmp_path, "train.precision=bf16")
     c.load_state_dict(state)  # the fp16 run's scaler state into a disabled scaler: ignored
-    assert not c.scaler.is_enabled() and c.global_step == 2
+    assert not c.amp.enabled and c.global_step == 2
     d = _trainer(data_root, tmp_path, "train.precision=fp32")
     d.load_state_dict(c.state_dict())
     _steps(d, 1)
@@ -466,3 +466,135 @@ def test_a_slow_rank_shows_in_the_straggler_ratio():
         if r["step"] != 2:
             assert r["time/straggler"] > 2 and r["time/fastest_s"] < 0.3, r
     assert "mfu" not in steps[0]  # a GPU figure: no datasheet peak for a CPU
+
+
+# ---- fp16: the loss scaler ----------------------------------------------------------------------------------
+FP16 = (*SYNTH, "train.precision=fp16", "data.resize=8", "train.ema_decay=0.9")  # real fp16 autocast on CPU
+# fp16 kernels are very slow on CPU: the other tests of the scaler's logic run it over fp32 math
+SCALED = (*SYNTH, "train.precision=fp32", "data.resize=8", "train.ema_decay=0.9")
+
+
+def overflow_at(trainer, steps: set[int]) -> list[int]:
+    """Make the forward pass of the given steps (1-based, counting forward passes in train mode) overflow: under
+    fp16 the stem's input is scaled past 65504, as large activations would; over fp32 math it is made inf. The
+    loss scaler starts at a scale of 64, where this tiny model's gradients never overflow by themselves."""
+    count, factor = [0], 1e6 if trainer.precision == "fp16" else math.inf
+    trainer.amp = optim.LossScaler(trainer.model, CPU_ENV.device, init_scale=64.0)
+
+    def hook(module, args):
+        if not module.training:
+            return None
+        count[0] += 1
+        return (args[0] * factor,) if count[0] in steps else None
+
+    trainer.model[0][0].register_forward_pre_hook(hook)
+    return count
+
+
+def test_fp16_skipped_step_leaves_no_trace_and_every_logger_sees_it(tmp_path, monkeypatch):
+    """A forward pass that overflows fp16 poisons the BatchNorm statistics before GradScaler skips the step:
+    they are put back, the step's loss is left out, and amp/scale + amp/skipped reach metrics.jsonl,
+    TensorBoard and W&B; no lr_scheduler warning from the skipped step."""
+    import warnings
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from resnet_dist import tensorboard_logger, wandb_logger
+    from resnet_dist.metrics import JsonlLogger, MultiLogger
+
+    from .helpers import read_metrics
+    from .wandb_reader import read_run
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_dir = tmp_path / "s"
+    run_dir.mkdir()
+    cfg = load_config(None, [f"run.dir={tmp_path}", *FP16, "log.wandb.mode=offline"], world_size=1)
+    wb = wandb_logger.start(cfg, run_dir, "s")
+    rec = Recorder()
+    logger = MultiLogger(
+        rec, JsonlLogger(run_dir / "metrics.jsonl"), tensorboard_logger.start(run_dir, None), wb
+    )
+    trainer = Trainer(cfg, CPU_ENV, synthetic(), run_dir, logger)
+    overflow_at(trainer, {2})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert trainer.fit() is Outcome.DONE  # without the buffer restore: "the weights are not finite"
+    logger.close()
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    steps = [r for r in rec.records if r["kind"] == "step"]
+    assert [r["amp/skipped"] for r in steps] == [0, 1, 0, 0, 0, 0, 0, 0]
+    assert [r["amp/scale"] for r in steps[:3]] == [64.0, 32.0, 32.0]  # halved by the overflow
+    assert steps[1]["train/loss"] is None and all(r["train/loss"] > 0 for r in steps if r is not steps[1])
+    assert trainer.amp.skipped_total == 1 and "fp16: 1 of 8 steps skipped" in trainer.amp.summary(8)
+    assert all(t.isfinite().all() for t in trainer.model.state_dict().values())
+    assert all(t.isfinite().all() for t in trainer.ema.module.state_dict().values())
+    assert [r["amp/skipped"] for r in read_metrics(run_dir) if r["kind"] == "step"] == [
+        0,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("amp/skipped")] == [0, 1, 0, 0, 0, 0, 0, 0]
+    assert [e.step for e in acc.Scalars("amp/scale")] == list(range(1, 9))
+    assert 2 not in [e.step for e in acc.Scalars("train/loss")]  # not measured: not logged as a number
+    by_step = {}
+    for row in read_run(next((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))).history:
+        by_step.setdefault(row["_step"], {}).update(row)
+    assert [by_step[s]["amp/skipped"] for s in range(1, 9)] == [0, 1, 0, 0, 0, 0, 0, 0]
+    assert by_step[2]["amp/scale"] == 32.0 and "train/loss" not in by_step[2]
+
+
+def test_fp16_skipped_step_keeps_every_tensor(tmp_path):
+    """The skipped step itself: weights, BatchNorm statistics and counters, momentum and EMA as before."""
+    cfg = load_config(None, [f"run.dir={tmp_path}", *SCALED], world_size=1)
+    trainer = Trainer(cfg, CPU_ENV, synthetic(), None)
+    overflow_at(trainer, {1})
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step(*next(trainer.batches.epoch(0, trainer.gen)))
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not trainer.optimizer.state and trainer.ema.count == 0 and trainer.amp.skipped_total == 1
+    trainer.train_step(*next(trainer.batches.epoch(0, trainer.gen, start_step=1)))  # the next one trains
+    assert trainer.ema.count == 1 and trainer.optimizer.state and trainer.amp.skipped_total == 1
+
+
+def test_fp16_that_overflows_in_every_step_stops_with_one_line(tmp_path):
+    cfg = load_config(
+        None,
+        [f"run.dir={tmp_path}", *SCALED, "train.batch_size=2", "log.every_steps=6", "train.epochs=1"],
+        world_size=1,
+    )
+    trainer = Trainer(cfg, CPU_ENV, synthetic(), tmp_path / "s")
+    overflow_at(trainer, set(range(1, 100)))
+    with pytest.raises(Diverged, match=r"fp16 overflowed in each of the last 24 steps .*bf16"):
+        trainer.fit()
+    assert trainer.global_step == 24  # the 4th interval of 6: a scale of 2^-8
+    assert not checkpoint.step_files(tmp_path / "s" / "checkpoints")
+
+
+def test_fp16_scaler_state_and_skips_carry_over_a_resume(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}", *SCALED, "log.every_steps=3"], world_size=1)
+    a = Trainer(cfg, CPU_ENV, synthetic(), None)
+    overflow_at(a, {2})
+    for x, y in itertools.islice(a.batches.epoch(0, a.gen), 3):
+        a.train_step(x, y)
+        a.global_step += 1
+        a.step_in_epoch += 1
+    state = a.state_dict()
+    b = Trainer(cfg, CPU_ENV, synthetic(), None)
+    b.amp = optim.LossScaler(
+        b.model, CPU_ENV.device
+    )  # as a fresh fp16 run starts: the checkpoint's scale wins
+    b.load_state_dict(state)
+    assert b.amp.scaler.get_scale() == a.amp.scaler.get_scale() == 32.0
+    assert (b.amp.skipped, b.amp.skipped_total) == (
+        1,
+        1,
+    )  # the open interval's skip is logged after the resume
+    assert b.amp.interval_record() == {"amp/scale": 32.0, "amp/skipped": 1}
