@@ -121,6 +121,17 @@ def test_device_of_each_process(local_rank, gpus, want):
     assert str(distributed.device_for(local_rank, gpus)) == want
 
 
+@pytest.mark.parametrize(
+    "requested, device, want",
+    [("auto", "cpu", "gloo"), ("auto", "cuda", "nccl"), ("gloo", "cuda", "gloo"), ("nccl", "cuda", "nccl")],
+)
+def test_backend_choice(requested, device, want):
+    """dist.backend=gloo on GPUs: the backend that lets ranks share one GPU (NCCL refuses that)."""
+    assert distributed.choose_backend(requested, torch.device(device)) == want
+    with pytest.raises(distributed.LaunchError, match="dist.backend=nccl needs GPUs"):
+        distributed.choose_backend("nccl", torch.device("cpu"))
+
+
 def test_processes_that_see_the_same_single_gpu_are_refused():
     """One visible GPU per task is fine when each task sees its own, not when they all see the same one."""
     import threading

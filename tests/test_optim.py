@@ -11,6 +11,7 @@ from resnet_dist.model import build_model
 from resnet_dist.optim import (
     EMA,
     NoEMA,
+    Schedule,
     configure_backends,
     load_optimizer_state,
     lr_factor,
@@ -35,6 +36,36 @@ CPU = torch.device("cpu")
 )
 def test_resolve_precision_on_cpu(requested, env, want):
     assert resolve_precision(requested, CPU, env) == want
+
+
+@pytest.mark.parametrize("major, want", [(7, "fp16"), (8, "bf16"), (9, "bf16")])
+def test_auto_takes_fp16_where_bf16_is_only_emulated(monkeypatch, major, want):
+    """V100 and T4 (compute capability 7.x) run bf16 by emulation, without tensor cores: torch's
+    is_bf16_supported() says yes to that unless asked not to. The device is simulated on the CPU."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(major=major, minor=0))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation works
+    assert torch.cuda.is_bf16_supported()  # what `auto` asked before, on every one of them
+    assert resolve_precision("auto", torch.device("cuda"), {}) == want
+
+
+def test_schedule_sets_each_steps_lr_in_place():
+    """The LR is a function of the step, written into the groups; a tensor LR (what a captured step reads) is
+    filled in place, keeping its identity."""
+    model = torch.nn.Linear(3, 2)
+    t = TrainConfig(lr=0.4, schedule="onecycle", warmup=0.2)
+    opt = make_optimizer(model, t, CPU, "fp32")
+    schedule = Schedule(opt, t, total_steps=10)
+    assert [schedule.set(s) for s in (0, 1, 2, 9)] == pytest.approx([0.2, 0.4, 0.4, 0.05])  # 2 warm-up steps
+    assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] == pytest.approx(0.05)
+    lr = torch.tensor(0.0)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    schedule.set(1)
+    assert all(g["lr"] is lr for g in opt.param_groups) and lr.item() == pytest.approx(0.4)
 
 
 def test_constant_schedule_is_the_original():
