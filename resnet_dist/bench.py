@@ -230,10 +230,12 @@ def main(argv=None) -> int:
         cfg = config.load(args.config, args.overrides, world_size=distributed.detect()["world_size"])
     except config.ConfigError as e:
         cli.usage_error(str(e))
+    except distributed.LaunchError as e:  # a launcher variable that is no number (detect())
+        cli.launch_error(e)
     try:
         env = distributed.setup(cfg.dist.timeout_s, cfg.dist.backend)
     except distributed.LaunchError as e:
-        cli.usage_error(str(e))
+        cli.launch_error(e)
     configure_backends(env.device, cfg.run.deterministic)
     try:
         result = run(cfg, env, args.mode, args.steps, args.warmup, args.workers)

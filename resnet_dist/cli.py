@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import NoReturn
 
+from . import distributed
+
 
 def checkpoint_parser(module: str, doc: str, checkpoint_help: str, out_help: str) -> argparse.ArgumentParser:
     """The parser of a tool that reads one checkpoint (`--checkpoint`) and writes into a folder (`--out`)."""
@@ -24,16 +26,34 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=0.1"
     )
+    argparse_error = parser.error
+
+    def error(message: str) -> NoReturn:  # argparse's lines, from one process of a launch (usage_error)
+        if not distributed.speaks():
+            fail(message, 2, quiet=True)
+        argparse_error(message)
+
+    parser.error = error
     return parser.parse_intermixed_args(argv)
 
 
 def fail(msg: str, code: int = 1, quiet: bool = False) -> NoReturn:
     """One line on stderr and exit `code`: 2 for usage, config and launch errors, 1 for run-time failures.
     `quiet`: exit without the line (the ranks other than 0, when rank 0 says it for all)."""
-    if not quiet:
+    if quiet:
+        distributed.wait_for_launcher()
+    else:
         print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
 def usage_error(msg: str) -> NoReturn:
-    fail(msg, 2)
+    """A mistake in the command line or config: one line and exit 2. Under a launcher, every rank hits it and
+    rank 0 alone says it (distributed.speaks); the others exit 2 quietly."""
+    fail(msg, 2, quiet=not distributed.speaks())
+
+
+def launch_error(e: Exception) -> NoReturn:
+    """A launch mistake (distributed.LaunchError): one line and exit 2, from the first process of each node,
+    since it comes from that node's environment."""
+    fail(str(e), 2, quiet=not distributed.speaks(per_node=True))

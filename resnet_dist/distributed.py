@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -75,44 +76,125 @@ def tasks_per_node(spec: str) -> list[int]:
     return counts
 
 
+class LaunchError(RuntimeError):
+    """A launch mistake: main() prints it as one line (cli.launch_error) and exits 2, before any process
+    group exists."""
+
+
+def env_int(env, name: str, default: int | None = None, low: int = 0, high: int | None = None) -> int:
+    """The whole number in launcher variable `name` (`default` when unset), within [low, high]; a LaunchError
+    naming the variable otherwise. Every launcher variable is read through here."""
+    if name not in env and default is not None:
+        return default
+    text = env.get(name, "")
+    value = int(text) if re.fullmatch(r"\s*[+-]?\d+\s*", text) else None
+    if value is None or value < low or (high is not None and value > high):
+        want = f"a whole number from {low} to {high}" if high is not None else f"a whole number >= {low}"
+        raise LaunchError(
+            f"launcher variable {name}={text!r} is not {want}: the launcher (torchrun, srun, accelerate "
+            "launch) sets it; unset it or fix its value"
+        )
+    return value
+
+
+def first_env_int(env, names: tuple[str, ...], default: int, low: int = 0) -> int:
+    """The first of `names` that is set (each parsed with env_int), else `default`."""
+    for name in names:
+        if name in env:
+            return env_int(env, name, low=low)
+    return default
+
+
+def below(name: str, value: int, limit_name: str, limit: int) -> None:
+    """A rank must be below its count (RANK < WORLD_SIZE): else every process would wait for one that never
+    comes, for dist.timeout_s."""
+    if value >= limit:
+        raise LaunchError(
+            f"{name}={value} is not below {limit_name}={limit}: the {limit} processes have {name} 0 to "
+            f"{limit - 1}; start them with torchrun, srun or accelerate launch, or fix the hand-set variables"
+        )
+
+
 def detect(env=os.environ) -> dict:
-    """Rank, local rank, world size, master address/port and launcher name from the environment."""
+    """Rank, local rank, world size, master address/port and launcher name from the environment.
+
+    Raises LaunchError (one line naming the variable) for a variable that is not a whole number or out of range.
+    """
+    # torchrun's attempt number (the rendezvous prefix, the run directory of a restart): parsed wherever it is set
+    restart = env_int(env, "TORCHELASTIC_RESTART_COUNT", 0)
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun and accelerate launch
         launcher = "accelerate" if any(k.startswith("ACCELERATE_") for k in env) else "torchrun"
-        world = int(env["WORLD_SIZE"])
-        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+        world = env_int(env, "WORLD_SIZE", low=1)
+        rank = env_int(env, "RANK")
+        below("RANK", rank, "WORLD_SIZE", world)
+        local_world = env_int(env, "LOCAL_WORLD_SIZE", world, low=1)
+        local_rank = env_int(env, "LOCAL_RANK", 0)
+        below(
+            "LOCAL_RANK",
+            local_rank,
+            "LOCAL_WORLD_SIZE" if "LOCAL_WORLD_SIZE" in env else "WORLD_SIZE",
+            local_world,
+        )
         return dict(
-            rank=int(env["RANK"]),
-            local_rank=int(env.get("LOCAL_RANK", 0)),
+            rank=rank,
+            local_rank=local_rank,
             world_size=world,
             local_world_size=local_world,
             launcher=launcher,
             master_addr=env.get("MASTER_ADDR"),
-            master_port=env.get("MASTER_PORT"),
+            master_addr_from="MASTER_ADDR",
+            # read only where it is used: one process never connects anywhere
+            master_port=str(env_int(env, "MASTER_PORT", low=1, high=65535))
+            if world > 1 and "MASTER_PORT" in env
+            else env.get("MASTER_PORT"),
             # GROUP_WORLD_SIZE: torchrun's number of agents, one per node
-            num_nodes=int(env.get("GROUP_WORLD_SIZE", max(1, world // max(1, local_world)))),
+            num_nodes=env_int(env, "GROUP_WORLD_SIZE", max(1, world // local_world), low=1),
+            restart=restart,
         )
     if srun_step(env):  # srun, one task per GPU
-        job = int(env.get("SLURM_JOB_ID", "0"))
-        local_rank = int(env.get("SLURM_LOCALID", 0))
+        job = env_int(env, "SLURM_JOB_ID", 0)
+        world = env_int(env, "SLURM_NTASKS", low=1)
+        rank = env_int(env, "SLURM_PROCID")
+        below("SLURM_PROCID", rank, "SLURM_NTASKS", world)
+        local_rank = env_int(env, "SLURM_LOCALID", 0)
+        node = env_int(env, "SLURM_NODEID", 0)
         try:  # tasks of this step on this node (SLURM_NODEID counts the step's nodes)
-            local_world = tasks_per_node(env["SLURM_STEP_TASKS_PER_NODE"])[int(env.get("SLURM_NODEID", 0))]
-        except (KeyError, ValueError, IndexError):
-            local_world = local_rank + 1
+            counts = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""))
+        except ValueError:
+            if "SLURM_STEP_TASKS_PER_NODE" in env:
+                raise LaunchError(
+                    f"launcher variable SLURM_STEP_TASKS_PER_NODE={env['SLURM_STEP_TASKS_PER_NODE']!r} is not "
+                    "SLURM's list of task counts (like '2(x3),1'): srun sets it; unset it or fix its value"
+                ) from None
+            counts = []
+        local_world = counts[node] if node < len(counts) else local_rank + 1
+        nodelist_var = "SLURM_STEP_NODELIST" if env.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
+        if env.get("MASTER_ADDR"):
+            master_addr, master_from = env["MASTER_ADDR"], "MASTER_ADDR"
+        else:  # the step's first node runs rank 0 (a step may use only some of the job's nodes)
+            try:
+                master_addr, master_from = first_host(env.get(nodelist_var, "localhost")), nodelist_var
+            except ValueError:
+                raise LaunchError(
+                    f"launcher variable {nodelist_var}={env[nodelist_var]!r} is not a SLURM node list: srun "
+                    "sets it; unset it or fix its value"
+                ) from None
         return dict(
-            rank=int(env["SLURM_PROCID"]),
+            rank=rank,
             local_rank=local_rank,
-            world_size=int(env["SLURM_NTASKS"]),
+            world_size=world,
             local_world_size=local_world,
             launcher="srun",
-            # the step's first node runs rank 0 (a step may use only some of the job's nodes)
-            master_addr=env.get("MASTER_ADDR")
-            or first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")),
+            master_addr=master_addr,
+            master_addr_from=master_from,
             # a port derived from the job id: the tasks agree without talking, two jobs differ
-            master_port=env.get("MASTER_PORT") or str(20000 + job % 20000),
-            num_nodes=int(
-                env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", 1)))
+            master_port=str(env_int(env, "MASTER_PORT", low=1, high=65535))
+            if env.get("MASTER_PORT")
+            else str(20000 + job % 20000),
+            num_nodes=first_env_int(
+                env, ("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"), 1, 1
             ),
+            restart=restart,
         )
     return dict(
         rank=0,
@@ -121,13 +203,100 @@ def detect(env=os.environ) -> dict:
         local_world_size=1,
         launcher="none",
         master_addr=None,
+        master_addr_from=None,
         master_port=None,
         num_nodes=1,
+        restart=restart,
     )
 
 
-class LaunchError(RuntimeError):
-    """A launch mistake: main() prints it as one line and exits 2, before any process group exists."""
+def half_environment(env) -> list[str]:
+    """Errors for a launcher's variables set without the rest, in a process that no launcher claims (detect()
+    found none): it would train alone, with no word, while the user meant several processes.
+
+    Half a torchrun environment: RANK without WORLD_SIZE, or the other way round. Half a SLURM one:
+    - in a job step (a SLURM_STEP_ID below SLURM's special ids), SLURM_PROCID or SLURM_NTASKS missing: srun
+      sets both in every task;
+    - outside any job (no SLURM_JOB_ID), SLURM_PROCID or SLURM_NTASKS set, by hand, without the step id and
+      the other one that would make the process an srun task.
+    Not half: sbatch's batch shell and salloc's shell (a SLURM_JOB_ID, no step id or a special one) have
+    SLURM_PROCID=0 and (with --ntasks) SLURM_NTASKS by design; check_launch warns there when the job has
+    several tasks. As for torchrun, leftovers that ask for one process (RANK=0, WORLD_SIZE=1,
+    SLURM_PROCID=0, SLURM_NTASKS=1) are harmless: the process trains alone, as asked."""
+    one = {"RANK": "0", "WORLD_SIZE": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+
+    def asks(*names):  # those of `names` set to more than one process
+        return [k for k in names if env.get(k, one[k]) != one[k]]
+
+    halves = [(asks("RANK", "WORLD_SIZE"), ("RANK", "WORLD_SIZE"))]
+    step = env.get("SLURM_STEP_ID", "")
+    if step.isdigit() and int(step) < SLURM_SPECIAL_STEP:  # looks like an srun task
+        halves.append(
+            (
+                ["SLURM_STEP_ID", *(k for k in ("SLURM_PROCID", "SLURM_NTASKS") if k in env)],
+                ("SLURM_PROCID", "SLURM_NTASKS"),
+            )
+        )
+    elif "SLURM_JOB_ID" not in env:
+        halves.append(
+            (asks("SLURM_PROCID", "SLURM_NTASKS"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID"))
+        )
+    errors = []
+    for have, needed in halves:
+        missing = [k for k in needed if k not in env]
+        if have and missing:
+            errors.append(
+                f"{' and '.join(f'{k}={env[k]}' for k in have)} {'is' if len(have) == 1 else 'are'} set but "
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the processes with "
+                "torchrun, srun or accelerate launch, or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in "
+                "each of them"
+            )
+    return errors
+
+
+def _launch_ranks(env) -> tuple[str, str] | None:
+    """The variables of rank and local rank where a launcher started the processes together and stops them
+    all when one fails (torchrun and accelerate launch set TORCHELASTIC_RUN_ID; srun: a job step, and
+    slurm/train.sh runs srun --kill-on-bad-exit); None for a process started alone or by hand."""
+    if "TORCHELASTIC_RUN_ID" in env:
+        return "RANK", "LOCAL_RANK"
+    if srun_step(env):
+        return "SLURM_PROCID", "SLURM_LOCALID"
+    return None
+
+
+def speaks(per_node: bool = False, env=os.environ) -> bool:
+    """Whether this process prints the one line of a usage error that every process of a launch hits alike.
+
+    Under a launcher, one says it and the others exit 2 quietly: rank 0 for a mistake in the command line or
+    config (the same on every rank); with `per_node`, for a launch error, the first process of each node
+    (local rank 0), since that comes from the node's own variables, GPUs and name lookups, which rank 0 does
+    not see. A rank that cannot be read falls back to the local rank, then to every process; processes
+    started by hand (each in a terminal of its own) all speak."""
+    names = _launch_ranks(env)
+    for name in (names or ())[per_node:]:
+        try:
+            return env_int(env, name) == 0
+        except LaunchError:
+            continue
+    return True
+
+
+# how long a quiet process waits for the launcher to stop it (wait_for_launcher)
+QUIET_WAIT_S = 20.0
+
+
+def wait_for_launcher(env=os.environ) -> None:
+    """Called by a process that leaves its error to rank 0, before it exits. torchrun (and srun
+    --kill-on-bad-exit) stop every process as soon as one exits: a quiet rank that exited first could have
+    rank 0 stopped before it prints. So wait, up to QUIET_WAIT_S, for the launcher to stop this process
+    (SIGTERM) once rank 0 has said it and exited; its summary then names rank 0 as the root cause."""
+    if _launch_ranks(env) is None:
+        return
+    try:
+        time.sleep(QUIET_WAIT_S)
+    except KeyboardInterrupt:  # Ctrl-C to the launcher, forwarded: nothing to add
+        pass
 
 
 def check_launch(info: dict, env=os.environ, gpus: int = 0) -> tuple[list[str], list[str]]:
@@ -139,20 +308,9 @@ def check_launch(info: dict, env=os.environ, gpus: int = 0) -> tuple[list[str], 
     launcher, world = info["launcher"], info["world_size"]
     in_step = srun_step(env)
 
-    # hand-set variables: half a torchrun environment would silently train as one process (or hang)
-    if launcher == "none":  # at most one of RANK / WORLD_SIZE is set
-        half = [
-            (k, env[k])
-            for k, harmless in (("WORLD_SIZE", "1"), ("RANK", "0"))
-            if env.get(k, harmless) != harmless
-        ]
-        if half:
-            have, value = half[0]
-            miss = "RANK" if have == "WORLD_SIZE" else "WORLD_SIZE"
-            errors.append(
-                f"{have}={value} is set but {miss} is not: start the processes with torchrun, srun or "
-                "accelerate launch, or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in each of them"
-            )
+    # hand-set variables: half a launcher's environment would silently train as one process (or hang)
+    if launcher == "none":
+        errors += half_environment(env)
     if launcher == "none" and "MASTER_ADDR" in env and any(k.startswith("ACCELERATE_") for k in env):
         # accelerate's CPU launcher (--cpu, MULTI_CPU) sets MASTER_ADDR for N > 1 processes but, without an
         # mpirun hostfile, starts just this one
@@ -189,7 +347,7 @@ def check_launch(info: dict, env=os.environ, gpus: int = 0) -> tuple[list[str], 
 
     # torchrun vs srun inside a SLURM allocation
     if launcher in ("torchrun", "accelerate") and in_step:
-        tasks = int(env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"]))
+        tasks = env_int(env, "SLURM_STEP_NUM_TASKS", env_int(env, "SLURM_NTASKS"))
         if tasks != info["num_nodes"]:
             errors.append(
                 f"srun started {tasks} tasks that each run {launcher}, but {launcher} joined "
@@ -198,8 +356,8 @@ def check_launch(info: dict, env=os.environ, gpus: int = 0) -> tuple[list[str], 
                 "slurm/train_torchrun.sh), or no torchrun: srun starts one task per GPU (slurm/train.sh)"
             )
     elif env.get("SLURM_JOB_ID") and not in_step:  # sbatch's batch shell or salloc's shell
-        job_tasks = int(env.get("SLURM_NTASKS", "1") or 1)
-        job_nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")) or 1)
+        job_tasks = env_int(env, "SLURM_NTASKS", 1)
+        job_nodes = first_env_int(env, ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"), 1)
         if launcher == "none" and job_tasks > 1:
             warnings.append(
                 f"this SLURM job has {job_tasks} tasks but this process was not started by srun: "
@@ -241,6 +399,7 @@ def setup(timeout_s: int = 600, backend: str = "auto") -> DistEnv:
     requested, backend = backend, None
     if info["world_size"] > 1:
         backend = choose_backend(requested, device)
+        check_address(info)
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = info["master_addr"], str(info["master_port"])
         timeout = datetime.timedelta(seconds=timeout_s)
         store = within(timeout_s, lambda: rendezvous_store(info, timeout), info)
@@ -271,6 +430,28 @@ def setup(timeout_s: int = 600, backend: str = "auto") -> DistEnv:
         num_nodes=info["num_nodes"],
         warnings=tuple(warnings),
     )
+
+
+def check_address(info: dict) -> None:
+    """A LaunchError when rank 0's address does not resolve here: the store client would retry it for the
+    whole dist.timeout_s. The system resolver answers (or fails) within seconds; an IP address needs no lookup."""
+    host = info["master_addr"]
+    try:
+        socket.getaddrinfo(host, int(info["master_port"]), type=socket.SOCK_STREAM)
+    except (
+        OSError,
+        UnicodeError,
+    ) as e:  # gaierror; a name that is no host name at all ('a..b') is UnicodeError
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        source = (
+            ""
+            if info["master_addr_from"] == "MASTER_ADDR"
+            else f", the first host of {info['master_addr_from']},"
+        )
+        raise LaunchError(
+            f"MASTER_ADDR={host!r}{source} does not resolve on this host ({why}): every process needs rank 0's "
+            "host name or IP address; check the name, or give rank 0's IP address"
+        ) from None
 
 
 def within(timeout_s: float, fn, info: dict):
@@ -369,7 +550,7 @@ def rendezvous_store(info: dict, timeout: datetime.timedelta, env=os.environ) ->
         is_master=info["rank"] == 0 and not agent_hosts,
         timeout=timeout,
     )
-    return dist.PrefixStore(f"resnet_dist/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(f"resnet_dist/attempt_{info['restart']}", store)
 
 
 def in_group() -> bool:
@@ -603,8 +784,6 @@ def self_test(size_mb: int = 64, iters: int = 5) -> dict:
 
     `python -m resnet_dist.distributed --self-test`, alone or under a launcher; launch/gpu_check.sh runs it first.
     """
-    import time
-
     env = setup()
     try:
         if not dist.is_initialized():  # one process: a group of one still exercises the backend
@@ -652,8 +831,18 @@ def self_test(size_mb: int = 64, iters: int = 5) -> dict:
         teardown()
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] != ["--self-test"]:
+def main(argv=None) -> int:
+    from . import cli
+
+    if (sys.argv[1:] if argv is None else argv) != ["--self-test"]:
         print("usage: python -m resnet_dist.distributed --self-test", file=sys.stderr)
-        sys.exit(2)
-    self_test()
+        return 2
+    try:
+        self_test()
+    except LaunchError as e:  # from setup(), before any process group exists
+        cli.launch_error(e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

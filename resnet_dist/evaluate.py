@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     try:
         env = distributed.setup(cfg.dist.timeout_s, cfg.dist.backend)
     except distributed.LaunchError as e:
-        cli.usage_error(str(e))
+        cli.launch_error(e)
     try:
         raw = prepare(cfg.data.root, cfg.data.mirror)  # one process prepares, under a lock
         test_x, test_y = (t.to(env.device) for t in load_split(raw, "test", cfg.data.test_subset))

@@ -161,6 +161,8 @@ def main(argv=None) -> int:
         cfg = config.load(args.config, args.overrides, world_size=distributed.detect()["world_size"])
     except config.ConfigError as e:
         cli.usage_error(str(e))
+    except distributed.LaunchError as e:  # a launcher variable that is no number (detect())
+        cli.launch_error(e)
     if args.print_config:
         print(config.to_yaml(cfg), end="")
         return 0
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
     try:
         env = distributed.setup(cfg.dist.timeout_s, cfg.dist.backend)
     except distributed.LaunchError as e:  # a launch mistake: one line, exit 2, before anything is created
-        cli.usage_error(str(e))
+        cli.launch_error(e)
     if cfg.model.sync_bn and env.distributed and env.device.type != "cuda":
         distributed.teardown()
         cli.fail(

@@ -5,6 +5,7 @@ The SLURM side (sbatch, srun, requeue, torchrun inside an allocation) is in test
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 
 from resnet_dist import distributed, train
 
-from .helpers import PY, REPO, clean_env, epochs, free_port, read_metrics, run, small_run
+from .helpers import PY, REPO, clean_env, epochs, free_port, read_metrics, run, small_run, torchrun
 
 TINY = ("data.train_subset=256", "train.epochs=1", "log.every_steps=2")  # after small_run's: these win
 
@@ -214,21 +215,268 @@ def test_accelerate_cpu_launcher_starting_one_process_warns():
     assert errors == [] and len(warnings) == 1 and "started only this one" in warnings[0]
 
 
+# every launcher variable read as a whole number, each case naming its variable
+NOT_A_NUMBER = [
+    ({**TORCHRUN, "WORLD_SIZE": "two"}, "WORLD_SIZE"),
+    ({**TORCHRUN, "WORLD_SIZE": "0"}, "WORLD_SIZE"),
+    ({**TORCHRUN, "RANK": "x"}, "RANK"),
+    ({**TORCHRUN, "RANK": "-1"}, "RANK"),
+    ({**TORCHRUN, "LOCAL_RANK": "1.0"}, "LOCAL_RANK"),
+    ({**TORCHRUN, "LOCAL_WORLD_SIZE": ""}, "LOCAL_WORLD_SIZE"),
+    ({**TORCHRUN, "GROUP_WORLD_SIZE": "one"}, "GROUP_WORLD_SIZE"),
+    ({**TORCHRUN, "MASTER_PORT": "http"}, "MASTER_PORT"),
+    ({**TORCHRUN, "MASTER_PORT": "0"}, "MASTER_PORT"),
+    ({**TORCHRUN, "MASTER_PORT": "70000"}, "MASTER_PORT"),
+    ({**TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "first"}, "TORCHELASTIC_RESTART_COUNT"),
+    ({"TORCHELASTIC_RUN_ID": "r", "TORCHELASTIC_RESTART_COUNT": "1e3"}, "TORCHELASTIC_RESTART_COUNT"),
+    ({**SRUN, "SLURM_NTASKS": "abc"}, "SLURM_NTASKS"),
+    ({**SRUN, "SLURM_PROCID": "3rd"}, "SLURM_PROCID"),
+    ({**SRUN, "SLURM_LOCALID": "one"}, "SLURM_LOCALID"),
+    ({**SRUN, "SLURM_NODEID": "n1"}, "SLURM_NODEID"),
+    ({**SRUN, "SLURM_JOB_ID": "7.0"}, "SLURM_JOB_ID"),
+    ({**SRUN, "SLURM_STEP_NUM_NODES": "2 nodes"}, "SLURM_STEP_NUM_NODES"),
+    ({**SRUN, "SLURM_STEP_NUM_NODES": None, "SLURM_JOB_NUM_NODES": "x"}, "SLURM_JOB_NUM_NODES"),
+    (
+        {**SRUN, "SLURM_STEP_NUM_NODES": None, "SLURM_JOB_NUM_NODES": None, "SLURM_NNODES": "?"},
+        "SLURM_NNODES",
+    ),
+    ({**SRUN, "SLURM_STEP_TASKS_PER_NODE": "2x2"}, "SLURM_STEP_TASKS_PER_NODE"),
+    ({**SRUN, "SLURM_JOB_NODELIST": "[n1"}, "SLURM_JOB_NODELIST"),
+    ({**SRUN, "MASTER_PORT": "port"}, "MASTER_PORT"),
+    ({**SRUN, **TORCHRUN, "SLURM_STEP_NUM_TASKS": "many"}, "SLURM_STEP_NUM_TASKS"),
+    ({**BATCH_SHELL, "SLURM_NTASKS": "four"}, "SLURM_NTASKS"),
+    ({**BATCH_SHELL, "SLURM_JOB_NUM_NODES": "two"}, "SLURM_JOB_NUM_NODES"),
+]
+
+
+def without_none(env: dict) -> dict:
+    return {k: v for k, v in env.items() if v is not None}
+
+
+@pytest.mark.parametrize("env, name", NOT_A_NUMBER)
+def test_every_launcher_variable_is_read_with_one_line_naming_it(env, name):
+    env = without_none(env)
+    with pytest.raises(distributed.LaunchError) as e:
+        problems(env)
+    msg = str(e.value)
+    assert msg.startswith(f"launcher variable {name}={env[name]!r} is not ") and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({**TORCHRUN, "RANK": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
+        ({**TORCHRUN, "RANK": "7", "WORLD_SIZE": "4"}, "RANK=7 is not below WORLD_SIZE=4"),
+        ({**TORCHRUN, "LOCAL_RANK": "2"}, "LOCAL_RANK=2 is not below LOCAL_WORLD_SIZE=2"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "5"}, "LOCAL_RANK=5 is not below WORLD_SIZE=2"),
+        ({**SRUN, "SLURM_PROCID": "4"}, "SLURM_PROCID=4 is not below SLURM_NTASKS=4"),
+    ],
+)
+def test_a_rank_outside_its_world_is_refused_before_rendezvous(env, message):
+    with pytest.raises(distributed.LaunchError) as e:
+        distributed.detect(env)
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "::1", socket.gethostname()])
+def test_master_addresses_that_resolve_pass(host):
+    distributed.check_address(
+        {"master_addr": host, "master_port": "29500", "master_addr_from": "MASTER_ADDR"}
+    )
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (
+            {**TORCHRUN, "MASTER_ADDR": "no-such-host.invalid"},
+            "MASTER_ADDR='no-such-host.invalid' does not resolve on this host",
+        ),
+        ({**TORCHRUN, "MASTER_ADDR": "a..b"}, "MASTER_ADDR='a..b' does not resolve on this host"),
+        (
+            {**SRUN, "SLURM_JOB_NODELIST": "gone1.invalid,gone2.invalid"},
+            "MASTER_ADDR='gone1.invalid', the first host of SLURM_JOB_NODELIST, does not resolve",
+        ),
+    ],
+)
+def test_a_master_address_that_does_not_resolve_is_refused_at_once(env, message):
+    t0 = time.monotonic()
+    with pytest.raises(distributed.LaunchError) as e:
+        distributed.check_address(distributed.detect(env))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert time.monotonic() - t0 < 30  # the resolver's answer, not dist.timeout_s
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [  # half an srun task, and SLURM variables set by hand outside any job: as half a torchrun environment
+        (
+            {"SLURM_PROCID": "1"},
+            "SLURM_PROCID=1 is set but SLURM_NTASKS and SLURM_STEP_ID are not",
+        ),
+        ({"SLURM_NTASKS": "4"}, "SLURM_NTASKS=4 is set but SLURM_PROCID and SLURM_STEP_ID are not"),
+        (
+            {"SLURM_PROCID": "1", "SLURM_NTASKS": "2"},
+            "SLURM_PROCID=1 and SLURM_NTASKS=2 are set but SLURM_STEP_ID is not",
+        ),
+        (
+            {k: v for k, v in SRUN.items() if k != "SLURM_NTASKS"},
+            "SLURM_STEP_ID=0 and SLURM_PROCID=3 are set but SLURM_NTASKS is not",
+        ),
+        (
+            {k: v for k, v in SRUN.items() if k != "SLURM_PROCID"},
+            "SLURM_STEP_ID=0 and SLURM_NTASKS=4 are set but SLURM_PROCID is not",
+        ),
+        (
+            {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "2"},
+            "SLURM_STEP_ID=2 is set but SLURM_PROCID and SLURM_NTASKS are not",
+        ),
+    ],
+)
+def test_half_a_slurm_environment_is_an_error(env, message):
+    assert distributed.detect(env)["launcher"] == "none"
+    errors, _ = problems(env)
+    assert len(errors) == 1 and errors[0].startswith(message), errors
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        BATCH_SHELL,  # sbatch's shell: SLURM_PROCID and SLURM_NTASKS, no step id (it warns, see below)
+        {k: v for k, v in BATCH_SHELL.items() if k != "SLURM_NTASKS"},  # sbatch without --ntasks
+        {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1"},  # salloc's shell
+        {**BATCH_SHELL, "SLURM_STEP_ID": "4294967291"},  # the batch step's own id
+        {"SLURM_PROCID": "0"},  # leftovers that ask for one process, as RANK=0 or WORLD_SIZE=1
+        {"SLURM_NTASKS": "1"},
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
+    ],
+)
+def test_shells_of_a_job_and_one_process_leftovers_are_no_half_environment(env):
+    assert distributed.detect(env)["launcher"] == "none" and problems(env)[0] == []
+
+
+@pytest.mark.parametrize(
+    "env, rank0, node0",
+    [  # who prints a usage error (rank0) and a launch error (node0)
+        ({}, True, True),  # one process
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, True, True),  # started by hand: every process
+        (TORCHRUN, False, False),  # torchrun's rank 1
+        ({**TORCHRUN, "RANK": "0", "LOCAL_RANK": "0"}, True, True),
+        ({**TORCHRUN, "RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}, False, True),  # first on node 2
+        ({**TORCHRUN, "RANK": "one", "LOCAL_RANK": "0"}, True, True),  # no rank: the local rank decides
+        ({**TORCHRUN, "RANK": "one", "LOCAL_RANK": "1"}, False, False),
+        ({**TORCHRUN, "RANK": "one", "LOCAL_RANK": "one"}, True, True),  # neither: every process
+        (SRUN, False, False),
+        ({**SRUN, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, True, True),
+        ({**SRUN, "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}, False, True),
+        (BATCH_SHELL, True, True),  # no srun task
+    ],
+)
+def test_one_process_of_a_launch_prints_usage_errors(env, rank0, node0):
+    assert (distributed.speaks(env=env), distributed.speaks(per_node=True, env=env)) == (rank0, node0)
+
+
 # ---- how a mistake surfaces: one line, exit 2, nothing created ----------------------------------
-def test_more_tasks_than_gpus_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
-    # a node with 2 GPUs and 4 local processes, without a GPU: the check runs before CUDA is touched
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+def launcher_env(monkeypatch, env: dict) -> list:
+    """os.environ with `env` as its only launcher variables. Returns the list that records each wait of a
+    quiet rank for the launcher (not waited for here: a real launcher is in the torchrun test below)."""
     for k in os.environ.keys() - clean_env().keys():  # no launcher variables of our own
         monkeypatch.delenv(k)
-    for k, v in FOUR_LOCAL.items():
+    for k, v in env.items():
         monkeypatch.setenv(k, v)
+    waits = []
+    monkeypatch.setattr(distributed, "QUIET_WAIT_S", 0.0)
+    real = distributed.wait_for_launcher
+    monkeypatch.setattr(distributed, "wait_for_launcher", lambda: waits.append(real()))
+    return waits
+
+
+@pytest.mark.parametrize("local_rank, says", [("0", True), ("1", False)])
+def test_more_tasks_than_gpus_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, local_rank, says):
+    # a node with 2 GPUs and 4 local processes, without a GPU: the check runs before CUDA is touched. Every
+    # process of the node finds it; the node's first (local rank 0) says it, the others exit 2 quietly
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    waits = launcher_env(monkeypatch, {**FOUR_LOCAL, "RANK": local_rank, "LOCAL_RANK": local_rank})
     with pytest.raises(SystemExit) as e:
         train.main([f"run.dir={tmp_path}", "run.name=x"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: 4 processes on this node but only 2 GPUs")
+    if says:
+        assert len(err) == 1 and err[0].startswith("error: 4 processes on this node but only 2 GPUs")
+    else:
+        assert err == [] and len(waits) == 1  # quiet, once torchrun would have stopped it
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv", [["--no-such-option"], ["train.bogus=1"]])
+@pytest.mark.parametrize("rank, says", [("0", True), ("1", False)])
+def test_usage_errors_under_a_launcher_come_from_rank_0(tmp_path, monkeypatch, capsys, argv, rank, says):
+    waits = launcher_env(
+        monkeypatch, {**TORCHRUN, "RANK": rank, "LOCAL_RANK": rank}
+    )  # torchrun's rank 0 or 1
+    with pytest.raises(SystemExit) as e:
+        train.main([f"run.dir={tmp_path}", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and ("error: " in err if says else err == ""), err
+    assert len(waits) == (0 if says else 1)
+    assert not tmp_path.joinpath("x").exists() and list(tmp_path.iterdir()) == []
+
+
+def entry_point(name: str, tmp_path: Path, trained: Path | None):
+    """main(argv) of each command that reads the launcher's environment, with harmless arguments."""
+    from resnet_dist import bench, evaluate
+
+    return {
+        "train": lambda: train.main([f"run.dir={tmp_path}", "run.name=x"]),
+        "bench": lambda: bench.main(["--out", str(tmp_path / "x" / "bench.json")]),
+        "evaluate": lambda: evaluate.main(
+            ["--checkpoint", str(trained / "checkpoints" / "last.pt"), "--out", str(tmp_path / "x")]
+        ),
+        "self-test": lambda: distributed.main(["--self-test"]),
+    }[name]
+
+
+SRUN0 = {**SRUN, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # the first task: it speaks
+LAUNCH_MISTAKES = [
+    ({"RANK": "0", "WORLD_SIZE": "two"}, "launcher variable WORLD_SIZE='two' is not a whole number >= 1"),
+    (
+        {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
+        "MASTER_PORT='99999'",
+    ),
+    ({**SRUN0, "SLURM_NTASKS": "abc"}, "launcher variable SLURM_NTASKS='abc' is not"),
+    (
+        {"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+        "RANK=2 is not below WORLD_SIZE=2",
+    ),
+    ({**SRUN0, "SLURM_PROCID": "-1"}, "launcher variable SLURM_PROCID='-1' is not a whole number >= 0"),
+    (
+        {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "1"},
+        "MASTER_ADDR='no-such-host.invalid' does not resolve",
+    ),
+    ({"SLURM_PROCID": "1"}, "SLURM_PROCID=1 is set but SLURM_NTASKS and SLURM_STEP_ID are not"),
+]
+
+
+@pytest.mark.parametrize("command", ["train", "bench", "evaluate", "self-test"])
+def test_launch_mistakes_are_one_line_and_exit_2_in_every_command(
+    command, tmp_path, monkeypatch, capsys, request
+):
+    """Every command that reads the launcher's environment refuses its mistakes alike: exit 2, one line,
+    before any rendezvous (nothing waits for dist.timeout_s) and before anything is written."""
+    main = entry_point(
+        command, tmp_path, request.getfixturevalue("trained") if command == "evaluate" else None
+    )
+    for env, message in LAUNCH_MISTAKES:
+        launcher_env(monkeypatch, env)
+        with pytest.raises(SystemExit) as e:
+            main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (
+            env,
+            err,
+        )
+        assert not (tmp_path / "x").exists()
 
 
 def test_world_size_without_master_exits_2_at_once(tmp_path):
@@ -243,6 +491,40 @@ def test_world_size_without_master_exits_2_at_once(tmp_path):
         "error: WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT is not set: every process needs rank 0's address "
         "and port (torchrun, srun and accelerate launch set them)"
     ]
+    assert not (tmp_path / "x").exists()
+
+
+def test_unresolvable_master_addr_exits_2_at_once(tmp_path):
+    """It used to wait the whole dist.timeout_s (600 s), then print C++ frames and blame a busy port."""
+    proc = run(
+        [PY, "-m", "resnet_dist.train", f"run.dir={tmp_path}", "run.name=x"],
+        timeout=90,
+        RANK="0",
+        WORLD_SIZE="2",
+        MASTER_ADDR="no-such-host.invalid",
+        MASTER_PORT=str(free_port()),
+    )
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "error: MASTER_ADDR='no-such-host.invalid' does not resolve"
+    ), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
+    """Three ranks hit the same bad key: rank 0 says it and exits 2; the others wait quietly until torchrun
+    stops them (SIGTERM), so that rank 0 is never stopped before it prints. torchrun's own summary
+    (ChildFailedError, each rank with its exit code, rank 0 the root cause) follows our line."""
+    proc = run(torchrun(3) + [f"run.dir={tmp_path}", "run.name=x", "train.bogus=1"], timeout=180)
+    assert proc.returncode == 1  # torchrun's own code for failed workers
+    err = proc.stderr
+    ours = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and ours[0].startswith("error: unknown config key 'train.bogus'"), err
+    assert err.index(ours[0]) < err.index("ChildFailedError"), err
+    failures, root = err.split("Root Cause (first observed failure):")
+    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 2" in root, err
+    assert failures.count("exitcode  : -15") == 2, err  # ranks 1 and 2, stopped by torchrun
     assert not (tmp_path / "x").exists()
 
 
