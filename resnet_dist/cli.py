@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
@@ -25,6 +26,12 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=0.1"
     )
     return parser.parse_intermixed_args(argv)
+
+
+def user_path(text: str) -> str:
+    """The `type=` of every path option: a leading `~` expanded, as the shell does not in `--out=~/x` (the
+    config's path keys do the same: config.knob(path=True))."""
+    return os.path.expanduser(text)
 
 
 def fail(msg: str, code: int = 1, quiet: bool = False) -> NoReturn:
