@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
@@ -35,6 +36,12 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 
     parser.error = error
     return parser.parse_intermixed_args(argv)
+
+
+def user_path(text: str) -> str:
+    """The `type=` of every path option: a leading `~` expanded, as the shell does not in `--out=~/x` (the
+    config's path keys do the same: config.knob(path=True))."""
+    return os.path.expanduser(text)
 
 
 def fail(msg: str, code: int = 1, quiet: bool = False) -> NoReturn:

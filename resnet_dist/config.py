@@ -21,9 +21,10 @@ class ConfigError(ValueError):
     """A usage error in the config: unknown key, wrong type or invalid value."""
 
 
-def knob(default, doc: str, choices: tuple = (), check=None, msg: str = ""):
-    """A config field: default, one-line doc, optional allowed values or validity check."""
-    meta = {"doc": doc, "choices": choices, "check": check, "msg": msg}
+def knob(default, doc: str, choices: tuple = (), check=None, msg: str = "", path: bool = False):
+    """A config field: default, one-line doc, optional allowed values or validity check. `path`: a path,
+    whose leading `~` is expanded wherever the value comes from (the shell does not expand `key=~/x`)."""
+    meta = {"doc": doc, "choices": choices, "check": check, "msg": msg, "path": path}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -42,7 +43,7 @@ def checked(default, doc, rule, choices=()):
 
 @dataclass
 class RunConfig:
-    dir: str = knob("runs", "parent folder of run directories")
+    dir: str = knob("runs", "parent folder of run directories", path=True)
     name: str | None = checked(
         None,
         "run directory name; null = $SLURM_JOB_ID under SLURM (ARRAYJOB_TASK in a job array), else a timestamp",
@@ -59,9 +60,9 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    root: str = knob("data", "where the prepared dataset lives")
+    root: str = knob("data", "where the prepared dataset lives", path=True)
     mirror: str | None = knob(
-        None, "folder with the four original .gz files; null = Debian's copy if present"
+        None, "folder with the four original .gz files; null = Debian's copy if present", path=True
     )
     train_subset: int | None = checked(
         None, "null = whole train split; N = the first N images", optional_positive
@@ -156,7 +157,9 @@ class DistConfig:
 
 @dataclass
 class CheckpointConfig:
-    resume: str = knob("auto", "auto (newest valid checkpoint of the run directory), never, or a path")
+    resume: str = knob(
+        "auto", "auto (newest valid checkpoint of the run directory), never, or a path", path=True
+    )
     keep: int = checked(2, "how many step checkpoints to keep (last.pt is the newest)", positive)
     every_steps: int = checked(0, "also save every N steps (0 = only at epoch ends)", non_negative)
     every_epochs: int = checked(
@@ -259,7 +262,7 @@ class Raw(str):
 
 def _coerce(key: str, hint, value, meta):
     if isinstance(value, Raw):
-        value = _parse_raw(value, hint)
+        value = str(value) if meta.get("path") and value.startswith("~") else _parse_raw(value, hint)
     if typing.get_origin(hint) is list:  # list[str]: a YAML list of scalars
         item = typing.get_args(hint)[0]
         if not isinstance(value, list):
@@ -283,6 +286,8 @@ def _coerce(key: str, hint, value, meta):
         raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # run.name=12345 (a job id) parses as an int
+    if meta.get("path") and isinstance(value, str):
+        value = os.path.expanduser(value)
     if base is int and isinstance(value, bool) or not isinstance(value, base):
         raise ConfigError(f"config key '{key}' must be {base.__name__}, got {value!r}")
     if meta.get("choices") and value not in meta["choices"]:
@@ -380,22 +385,69 @@ def check_world(cfg: Config, world_size: int) -> None:
         )
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice: PyYAML would keep the last one silently (a second
+    `train:` section drops every key of the first)."""
+
+    def construct_document(self, node):
+        _refuse_repeated_keys(node, {}, "", set())
+        return super().construct_document(node)
+
+
+class RepeatedKey(yaml.YAMLError):
+    pass
+
+
+def _refuse_repeated_keys(node, seen: dict, prefix: str, visited: set) -> None:
+    """Every key by its dotted name (so `train.lr:` and `lr:` under `train:` are the same key) -> its line."""
+    if id(node) in visited:  # an alias of a node already walked (or a recursive one)
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: overriding merged keys is its purpose
+                continue
+            name = f"{prefix}{key.value}" if isinstance(key, yaml.ScalarNode) else None
+            if name is not None:
+                line = key.start_mark.line + 1
+                if name in seen:
+                    raise RepeatedKey(
+                        f"key '{name}' is given twice (lines {seen[name]} and {line}): keep one"
+                    )
+                seen[name] = line
+            _refuse_repeated_keys(value, seen, f"{name}." if name else prefix, visited)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_repeated_keys(item, {}, prefix, visited)
+
+
+def read_yaml(path: str) -> dict:
+    """A config file's mapping; anything else (unreadable, not UTF-8 text, not YAML, a repeated key, not a
+    mapping) is a ConfigError in one line."""
+    path = os.path.expanduser(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_Loader) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file (not UTF-8): give a YAML file") from None
+    except RepeatedKey as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
 def load(
     path: str | None = None, overrides: typing.Sequence[str] = (), world_size: int | None = None
 ) -> Config:
     """Defaults <- YAML file <- overrides, validated; with `world_size`, also the checks that need it."""
     cfg = Config()
     if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        from_dict(data, cfg)
+        from_dict(read_yaml(path), cfg)
     apply_overrides(cfg, overrides)
     validate(cfg)
     if world_size is not None:

@@ -1,18 +1,24 @@
-"""The run directory: its name, a write probe before anything is written, and the lock that keeps a second
-run out of it."""
+"""The run directory: its name, the checks before anything is written (also used for the data folder), the lock
+that keeps a second run out of it, and setting an earlier run's files aside."""
 
 from __future__ import annotations
 
 import errno
-import fcntl
+import itertools
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
 
+from . import lock
+from .checkpoint import STEP_FILE
+
 TORCHRUN_MARK = ".torchrun_id"  # in a run directory: the id of the torchrun job that made it
 LOCK_FILE = ".lock"
+PREVIOUS = "previous"  # <run dir>/previous/<time>/: an earlier run's files, set aside by a fresh start
+# what a run writes into its directory besides the lock (wandb/ holds W&B's own runs, each under its id)
+RUN_FILES = ("config.yaml", "metrics.jsonl", TORCHRUN_MARK, "curves.png", "confusion.png")
+RUN_FOLDERS = ("checkpoints", "tensorboard", "profile", "export")
 
 
 class RunDirError(RuntimeError):
@@ -44,55 +50,131 @@ def slurm_job_name(env=os.environ) -> str | None:
     return env.get("SLURM_JOB_ID") or None
 
 
-def check_writable(run_dir: Path) -> None:
-    """Before anything is written: every existing part of run_dir/checkpoints is a folder, and the deepest
-    one that exists takes a file (a probe, removed at once). Creates nothing."""
-    target = run_dir / "checkpoints"
+def folder_problem(target: Path) -> str | None:
+    """Why files cannot be written into the folder `target` (made later where missing), or None: every existing
+    part of it is a folder, each missing part's name fits the filesystem, and the deepest existing part takes a
+    file (a probe, removed at once). Creates nothing."""
+    missing = []
     for part in [target, *target.parents]:
-        if part.exists() and not part.is_dir():
-            raise RunDirError(f"{part} is a file, not a folder: choose another run.dir or run.name")
-        if part.is_dir():
-            try:
-                with tempfile.TemporaryFile(dir=part):
-                    pass
-            except OSError as e:
-                raise RunDirError(
-                    f"cannot write in {part} ({e.strerror}): choose a writable run.dir"
-                ) from None
-            return
+        try:
+            exists = part.exists()
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:  # a name too long is said below, with the limit
+                return f"cannot look at {part} ({e.strerror})"
+            exists = False
+        if not exists:
+            missing.append(part.name)
+            continue
+        if not part.is_dir():
+            return f"{part} is a file, not a folder"
+        limit = name_max(part)
+        for name in missing:
+            if len(os.fsencode(name)) > limit:
+                return (
+                    f"the folder name '{name[:20]}...' is {len(os.fsencode(name))} bytes long; the filesystem "
+                    f"of {part} takes names of at most {limit}"
+                )
+        try:
+            with tempfile.TemporaryFile(dir=part):
+                pass
+        except OSError as e:
+            return f"cannot write in {part} ({e.strerror})"
+        return None
+    return None
+
+
+def name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_writable(run_dir: Path) -> None:
+    """Before anything is written: run_dir/checkpoints can be made and written (folder_problem), and nothing
+    that is not a file stands where the run writes or reads one (a folder named last.pt, a .lock that is
+    a folder), nor a file where it makes a folder. Creates nothing."""
+    problem = folder_problem(run_dir / "checkpoints")
+    if problem:
+        raise RunDirError(f"{problem}: choose another run.dir or run.name")
+    ckpts = run_dir / "checkpoints"
+    written = [run_dir / name for name in (*RUN_FILES, LOCK_FILE)]
+    if ckpts.is_dir():
+        written += [p for p in ckpts.iterdir() if p.name == "last.pt" or STEP_FILE.match(p.name)]
+    for path in written:
+        if os.path.lexists(path) and not path.is_file():
+            raise RunDirError(
+                f"{path} is a folder or a link to nothing, not a file: move it away or choose another run.name"
+            )
+    for path in (run_dir / name for name in (*RUN_FOLDERS, PREVIOUS)):
+        if os.path.lexists(path) and not path.is_dir():
+            raise RunDirError(f"{path} is a file, not a folder: move it away or choose another run.name")
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """A fresh start in a directory an earlier run used: that run's files (RUN_FILES, RUN_FOLDERS) move into
+    previous/<time>/, where no resume finds its checkpoints and no rotation deletes the new ones for being
+    older. Returns that folder, None when there was nothing to move."""
+    paths = [run_dir / name for name in (*RUN_FOLDERS, *RUN_FILES)]
+    found = [
+        p for p in paths if (any(p.iterdir()) if p.is_dir() else os.path.lexists(p))
+    ]  # empty folders stay
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in itertools.count():
+        dest = run_dir / PREVIOUS / (f"{stamp}-{i}" if i else stamp)
+        try:
+            dest.mkdir(parents=True)
+            break
+        except FileExistsError:
+            continue
+    for path in found:
+        os.rename(path, dest / path.name)
+    return dest
 
 
 class RunLock:
-    """An exclusive lock on <run dir>/.lock, held by rank 0 for the run's lifetime (flock: the kernel drops it
-    when the process ends, however it ends, so a dead holder never locks anyone out: torchrun restarts and
-    SLURM requeues of the same run get in). The file says who holds it."""
+    """Rank 0's hold on its run directory for the run's lifetime: the project's one lock (lock.Lock) on
+    <run dir>/.lock. A second run into the directory is refused at once while the holder lives; a dead holder
+    (killed, its node gone) blocks nobody, so a torchrun restart or a SLURM requeue gets in. It makes the
+    directory when missing, and on release removes again what it made when the run left it empty (a refused
+    run leaves nothing behind)."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_FILE
-        self.fd: int | None = None
+        self.run_dir = run_dir
+        self.lock = lock.Lock(run_dir / LOCK_FILE)
+        self.made: list[Path] = []  # deepest first
 
     def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        for part in [self.run_dir, *self.run_dir.parents]:
+            if part.exists():
+                break
+            self.made.append(part)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire(wait=False)
+        except lock.Busy as e:
+            self.release()
             raise RunDirError(
-                f"run directory {self.path.parent} is in use by {holder}: wait for that run to end, or give "
+                f"run directory {self.run_dir} is in use by {e.holder}: wait for that run to end, or give "
                 "this one another run.name"
             ) from None
-        except OSError as e:  # a filesystem without locks: run unguarded rather than not at all
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            print(f"warning: cannot lock {self.path} ({e.strerror}): two runs in it would not be stopped")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%F %T')}\n".encode())
-        self.fd = fd
+        except lock.NotALock as e:
+            self.release()
+            raise RunDirError(str(e)) from None
+        except OSError as e:
+            self.release()
+            raise RunDirError(
+                f"cannot lock {self.run_dir} ({e.strerror}): choose a writable run.dir"
+            ) from None
         return self
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the lock
-            self.fd = None
+        self.lock.release()
+        for part in self.made:
+            try:
+                part.rmdir()  # only an empty folder: never anything the run or a user wrote
+            except OSError:
+                break
+        self.made = []

@@ -6,7 +6,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from . import checkpoint, cli, config, distributed, export, rundir, tensorboard_logger, wandb_logger
@@ -90,7 +89,8 @@ class Refused(RuntimeError):
 def open_run(cfg: config.Config, env: distributed.DistEnv, run_dir: Path):
     """Rank 0 checks that the run directory is writable, locks it and picks the checkpoint to resume from;
     every rank gets the same outcome (or the same error). Returns (lock, state): the lock on rank 0 (None
-    elsewhere) and the loaded checkpoint or None for a fresh start. Writes nothing but the lock."""
+    elsewhere) and the loaded checkpoint or None for a fresh start. Writes nothing but the lock (and the run
+    directory when missing: a refused run's release removes both)."""
     held, loaded = [], []  # rank 0's lock and loaded checkpoint: only the path is broadcast
 
     def on_rank0():
@@ -136,20 +136,34 @@ def reconcile(cfg: config.Config, state: dict, env: distributed.DistEnv) -> None
         )
 
 
+def continues(cfg: config.Config, run_dir: Path, state: dict | None) -> bool:
+    """Whether this run goes on from the run directory's own checkpoints (not a fresh start, nor a resume
+    from another directory's checkpoint)."""
+    if state is None:
+        return False
+    if cfg.checkpoint.resume == "auto":
+        return True
+    return Path(cfg.checkpoint.resume).resolve().parent == (run_dir / "checkpoints").resolve()
+
+
 def write_run_files(cfg: config.Config, run_dir: Path, state: dict | None) -> None:
     """Rank 0, once the run is decided: config.yaml (what actually runs), metrics.jsonl cut back to the
-    checkpoint (or set aside on a fresh start over an old one), torchrun's run id."""
+    checkpoint, torchrun's run id. A run that does not continue this directory's checkpoints first sets the
+    earlier run's files aside, where no resume finds them and no rotation deletes the new ones."""
+    if continues(cfg, run_dir, state):
+        truncate_jsonl(run_dir / "metrics.jsonl", state["progress"]["global_step"])
+    else:
+        aside = rundir.set_aside(run_dir)
+        if aside is not None:
+            print(
+                f"starting over: the earlier run's files in this directory (checkpoints, metrics.jsonl, ...) are "
+                f"now in {aside.relative_to(run_dir)}/, where nothing resumes from them",
+                flush=True,
+            )
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
     if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
         (run_dir / rundir.TORCHRUN_MARK).write_text(os.environ["TORCHELASTIC_RUN_ID"])
-    metrics = run_dir / "metrics.jsonl"
-    if state is not None:
-        truncate_jsonl(metrics, state["progress"]["global_step"])
-    elif metrics.exists():  # checkpoint.resume=never over an earlier run: keep its history, apart
-        old = metrics.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-        metrics.rename(old)
-        print(f"starting over: the earlier run's metrics.jsonl is now {old.name}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -186,7 +200,9 @@ def main(argv=None) -> int:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     logger, lock, training, profiler = NullLogger(), None, False, NoProfiler()
     try:
-        run_dir = Path(cfg.run.dir) / distributed.broadcast_object(rundir.run_name(cfg))
+        # the data first: an unusable or damaged data.root stops the run before anything is created
+        data = load_splits(cfg.data, env.device)
+        run_dir = Path(cfg.run.dir).absolute() / distributed.broadcast_object(rundir.run_name(cfg))
         lock, state = open_run(cfg, env, run_dir)
         if state is not None:
             reconcile(cfg, state, env)
@@ -202,7 +218,6 @@ def main(argv=None) -> int:
         if cfg.log.profile:
             profiler = StepProfiler(cfg.log.profile, run_dir / "profile", env.rank, env.device, env.is_main)
         configure_backends(env.device, cfg.run.deterministic)
-        data = load_splits(cfg.data, env.device)
         # every checkpoint carries the W&B run id: a resumed or requeued job continues the same W&B run
         preemption = distributed.Preemption(env).install()
         meta = {"wandb_id": wb.id if wb else None}
@@ -246,7 +261,10 @@ def main(argv=None) -> int:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 1 if training else 2
-    except (DataError, OSError) as e:  # this rank's own problem: the dataset, a file it writes
+    except DataError as e:  # this rank's view of data.root, found before anything was created
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:  # this rank's own problem: a file it writes
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before training started (afterwards it stops the run cleanly)

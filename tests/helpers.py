@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -149,3 +152,17 @@ def in_gloo_group(fn, world: int, *args, timeout: float = 240) -> list:
         if isinstance(results[r], BaseException):
             raise AssertionError(f"rank {r} failed: {results[r]!r}")
     return [results[r] for r in range(world)]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A small tmpfs mounted at `path` (size=..., ro): a full or read-only disk; skips without root."""
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -1,3 +1,4 @@
+import dataclasses
 import glob
 import subprocess
 
@@ -186,3 +187,69 @@ def test_batch_checks_need_the_world():
     with pytest.raises(ConfigError, match=r"give each of 2 rank\(s\) 50"):
         config.load(None, ["train.batch_size=128", "data.train_subset=100"], world_size=2)
     config.load(None, ["train.batch_size=100", "data.train_subset=100"], world_size=1)
+
+
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("train:\n  lr: 0.2\nmodel:\n  stem: cifar\ntrain:\n  epochs: 3\n", "train", (1, 5)),  # 2nd section
+        ("train:\n  lr: 0.2\n  momentum: 0.9\n  lr: 0.3\n", "train.lr", (2, 4)),
+        ("train.lr: 0.5\ntrain:\n  lr: 0.1\n", "train.lr", (1, 3)),  # a dotted key and its section
+        ("log:\n  wandb:\n    mode: offline\n    mode: online\n", "log.wandb.mode", (3, 4)),
+    ],
+)
+def test_a_key_given_twice_in_a_file_is_refused_naming_it_and_both_lines(tmp_path, text, key, lines):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.load(str(f), world_size=1)
+    assert (
+        str(e.value)
+        == f"config file {f}: key '{key}' is given twice (lines {lines[0]} and {lines[1]}): keep one"
+    )
+
+
+def test_yaml_anchors_and_merge_keys_are_not_repeats(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "train: &t\n  lr: 0.2\n  epochs: 3\ncheckpoint:\n  <<: {keep: 5, every_steps: 2}\n  keep: 3\n"
+    )
+    cfg = config.load(str(f), world_size=1)
+    assert (cfg.train.lr, cfg.checkpoint.keep, cfg.checkpoint.every_steps) == (0.2, 3, 2)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [bytes(range(256)) * 8, "train:\n  lr: 0.1  # caf\xe9\n".encode("latin-1"), b"\x89PNG\r\n\x1a\n\0\0"],
+)
+def test_a_config_file_that_is_not_utf8_text_is_one_line_and_exit_2(tmp_path, content, capsys):
+    from resnet_dist import train
+
+    f = tmp_path / "c.yaml"
+    f.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", str(f), f"run.dir={tmp_path / 'runs'}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: config file {f} is not ")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tilde_is_expanded_in_every_path_key_and_the_config_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "c.pt").write_bytes(b"")
+    (tmp_path / "c.yaml").write_text("run:\n  dir: ~/runs\ndata:\n  root: ~/data\n")
+    cfg = config.load("~/c.yaml", ["data.mirror=~/mirror", "checkpoint.resume=~/c.pt"], world_size=1)
+    paths = (cfg.run.dir, cfg.data.root, cfg.data.mirror, cfg.checkpoint.resume)
+    assert paths == tuple(str(tmp_path / p) for p in ("runs", "data", "mirror", "c.pt"))
+    assert config.load(None, ["data.root=~"], world_size=1).data.root == str(tmp_path)  # a path, not null
+    assert config.load(None, ["checkpoint.resume=never"], world_size=1).checkpoint.resume == "never"
+    defaults = config.Config()
+    path_keys = {
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(defaults)
+        for f in dataclasses.fields(getattr(defaults, section.name))
+        if f.metadata.get("path")
+    }
+    assert path_keys == {"run.dir", "data.root", "data.mirror", "checkpoint.resume"}

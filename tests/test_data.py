@@ -1,6 +1,11 @@
+import contextlib
 import gzip
 import multiprocessing as mp
+import os
 import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
@@ -8,6 +13,9 @@ from torch.utils.data import DistributedSampler
 
 from resnet_dist import data
 from resnet_dist.config import DataConfig
+from resnet_dist.lock import HOST
+
+from .helpers import PY, REPO, clean_env, tmpfs
 
 
 def test_prepared_files_are_the_published_ones(data_root):
@@ -85,22 +93,119 @@ def test_concurrent_prepare_leaves_one_intact_copy(tmp_path):
         assert data.md5(raw / name) == want
 
 
-def test_lock_of_a_dead_process_is_broken(tmp_path):
-    lock = tmp_path / "lk"
-    lock.mkdir()
-    (lock / "owner").write_text(f"{__import__('socket').gethostname()} 999999999")
-    with data.dir_lock(lock, timeout_s=5):
-        assert (lock / "owner").read_text().endswith(str(__import__("os").getpid()))
-    assert not lock.exists()
+def test_a_lock_left_by_a_dead_preparer_on_another_host_is_broken_saying_so(tmp_path, capsys):
+    mirror = _mirror_with(tmp_path, corrupt=False)
+    folder = tmp_path / "root" / "FashionMNIST"
+    folder.mkdir(parents=True)
+    (folder / ".prepare.lock").write_text("old-container pid 7 since 2025-01-01 00:00:00 start 99\n")
+    os.utime(folder / ".prepare.lock", (time.time() - 3600,) * 2)  # a restarted container's
+    t0 = time.monotonic()
+    data.prepare(str(tmp_path / "root"), str(mirror))
+    assert time.monotonic() - t0 < 30  # not the half hour of waiting it used to be
+    assert "removed the lock" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ["raw"]
 
 
-def test_live_lock_times_out_with_a_clear_message(tmp_path):
-    lock = tmp_path / "lk"
-    lock.mkdir()
-    (lock / "owner").write_text("otherhost 1")
-    with pytest.raises(data.DataError, match="waited"):
-        with data.dir_lock(lock, timeout_s=0.5):
-            pass
+SLOW_PREPARE = """
+import shutil, sys, time
+from resnet_dist import data
+copy = shutil.copyfileobj
+def slow(*args):  # a slow mirror: the first file copied, then a long wait
+    copy(*args)
+    print("copying", flush=True)
+    time.sleep(120)
+shutil.copyfileobj = slow
+data.prepare(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_signal_while_preparing_keeps_nothing_and_the_next_preparation_clears_a_killed_ones_files(tmp_path):
+    mirror, root = _mirror_with(tmp_path, corrupt=False), tmp_path / "root"
+    folder = root / "FashionMNIST"
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc = subprocess.Popen(
+            [PY, "-c", SLOW_PREPARE, str(root), str(mirror)],
+            cwd=REPO,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout.readline().strip() == "copying"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 143
+            assert err.strip().splitlines() == [
+                "stopped by SIGTERM while preparing the data; nothing was kept"
+            ]
+            assert list(folder.iterdir()) == []
+    leftovers = sorted(p.name for p in folder.iterdir())
+    assert leftovers == [".prepare.lock", f".raw-{HOST}-{proc.pid}"]  # SIGKILL: nothing could clean up
+    live = subprocess.Popen(["sleep", "60"])  # a temporary of a live process here is not touched
+    (folder / f".raw-{HOST}-{live.pid}").mkdir()
+    (folder / ".raw-gone-host-12").mkdir()
+    try:
+        data.prepare(str(root), str(mirror))
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(p.name for p in folder.iterdir()) == [f".raw-{HOST}-{live.pid}", "raw"]
+
+
+DAMAGE = {  # (file, offset of the first byte changed, how): what a disk, a tool or a hand can do to a copy
+    "inverted training images": (
+        "train-images-idx3-ubyte",
+        16 + 28 * 28 * 5,
+        lambda b: bytes(255 - x for x in b),
+    ),
+    "200 test labels shifted": ("t10k-labels-idx1-ubyte", 8, lambda b: b[1:] + b[:1]),
+    "a label of 200": ("train-labels-idx1-ubyte", 8 + 77, lambda b: bytes([200]) + b[1:]),
+    "a truncated file": ("t10k-images-idx3-ubyte", None, None),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_prepared_root_is_refused_saying_how_to_rebuild_it(tmp_path, data_root, damage):
+    root = tmp_path / "copy"
+    shutil.copytree(data_root, root)
+    name, offset, how = DAMAGE[damage]
+    path = root / "FashionMNIST" / "raw" / name
+    content = path.read_bytes()
+    if how is None:
+        path.write_bytes(content[:-100])
+    else:
+        path.write_bytes(content[:offset] + how(content[offset : offset + 200]) + content[offset + 200 :])
+    with pytest.raises(data.DataError) as e:
+        data.prepare(str(root))
+    assert str(e.value) == (
+        f"data.root {root}: {name} is not the published file (its MD5 differs): the prepared data is damaged; "
+        f"delete {root / 'FashionMNIST'} and run again to prepare it anew"
+    )
+
+
+@pytest.mark.parametrize("kind", ["a file", "under /proc", "name too long", "a read-only filesystem"])
+def test_an_unusable_data_root_is_one_line_naming_it(tmp_path, kind):
+    root = {
+        "a file": tmp_path / "afile",
+        "under /proc": "/proc/resnet_dist/data",
+        "name too long": tmp_path / ("n" * 300),
+        "a read-only filesystem": tmp_path / "ro" / "data",
+    }[kind]
+    (tmp_path / "afile").write_text("x")
+    with contextlib.ExitStack() as stack:
+        if kind == "a read-only filesystem":
+            stack.enter_context(tmpfs(tmp_path / "ro", "size=1m,ro"))
+        with pytest.raises(data.DataError) as e:
+            data.prepare(str(root))
+    msg = str(e.value)
+    assert msg.startswith(f"data.root {root} ") and "\n" not in msg
+    assert {
+        "a file": "is a file, not a folder",
+        "under /proc": "cannot write in /proc",
+        "name too long": "is 300 bytes long",
+        "a read-only filesystem": "Read-only file system",
+    }[kind] in msg
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

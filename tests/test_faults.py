@@ -4,6 +4,7 @@ a busy port, a peer that never comes. Each ends in one line on stderr and the ri
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -15,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from resnet_dist import checkpoint
+from resnet_dist import checkpoint, train
 
-from .helpers import PY, REPO, clean_env, epochs, free_port, read_metrics, run, small_run
+from .helpers import PY, REPO, clean_env, epochs, free_port, read_metrics, run, small_run, tmpfs
 
 TRAIN = [PY, "-m", "resnet_dist.train"]
 
@@ -43,17 +44,27 @@ def wait_for(path: Path, proc, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str):
-    path.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+@pytest.fixture
+def train_here(monkeypatch, capsys):
+    """`python -m resnet_dist.train ARGS` in this process (no launcher variables, W&B off): (code, out, err)."""
+    for k in os.environ.keys() - clean_env().keys():
+        monkeypatch.delenv(k)
+    for k, v in clean_env().items():
+        monkeypatch.setenv(k, v)
+
+    def train_main(*argv: str) -> tuple[int, str, str]:
+        try:
+            code = train.main(list(argv))
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return train_main
+
+
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 # ---- two runs, one directory ---------------------------------------------------------------------------
@@ -70,6 +81,58 @@ def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_holder_blocks_no
     third = run(TRAIN + args + ["train.epochs=1", "data.train_subset=128"], timeout=180)
     assert third.returncode == 0, third.stderr
     assert (tmp_path / "busy" / "metrics.jsonl").read_text().count('"kind": "epoch"') == 1
+
+
+def test_a_fresh_start_sets_the_earlier_run_aside_and_the_next_resume_continues_it(
+    tmp_path, data_root, train_here, monkeypatch
+):
+    """Two epochs; then checkpoint.resume=never with another LR; then an automatic resume. The fresh start
+    moves the first run's files into previous/<time>/: the resume continues the fresh run, metrics.jsonl is
+    the fresh run's alone, and the rotation keeps its step files (the old ones were numbered higher)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "runs" / "nv2"
+    args = small_run(data_root, "~/runs", "nv2", "data.train_subset=256", "data.test_subset=128")
+    args += ["checkpoint.every_steps=2", "checkpoint.keep=2"]  # 4 steps an epoch
+    code, out, err = train_here(*args, "train.epochs=2")
+    assert code == 0, err
+    assert f"run_dir={run_dir} fresh start" in out.splitlines()[0]  # ~ expanded, the absolute path said
+    first = read_metrics(run_dir)
+
+    code, out, err = train_here(*args, "train.epochs=1", "checkpoint.resume=never", "train.lr=0.01")
+    assert code == 0, err
+    (aside,) = (run_dir / "previous").iterdir()
+    assert out.splitlines()[0] == (
+        "starting over: the earlier run's files in this directory (checkpoints, metrics.jsonl, ...) are now in "
+        f"previous/{aside.name}/, where nothing resumes from them"
+    )
+    assert sorted(p.name for p in aside.iterdir()) == [
+        "checkpoints",
+        "config.yaml",
+        "confusion.png",
+        "curves.png",
+        "metrics.jsonl",
+    ]
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == [
+        "last.pt",
+        "step-00000006.pt",
+        "step-00000008.pt",
+    ]
+    assert read_metrics(aside) == first
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "last.pt",
+        "step-00000002.pt",
+        "step-00000004.pt",
+    ]
+
+    code, out, err = train_here(*args, "train.epochs=2", "train.lr=0.01")
+    assert code == 0, err
+    assert "resumed at step 4" in out
+    assert [(r["epoch"], r["step"], r["lr"]) for r in epochs(read_metrics(run_dir))] == [
+        (0, 4, 0.01),
+        (1, 8, 0.01),
+    ]
+    assert not (tmp_path / "~").exists()
 
 
 # ---- divergence ----------------------------------------------------------------------------------------
@@ -102,7 +165,7 @@ def test_non_finite_checkpoint_is_refused_by_resume_and_evaluate(tmp_path, train
     assert proc.returncode == 2 and "weights are not finite" in one_line(proc)
     proc = run(TRAIN + small_run(data_root, tmp_path, "r", f"checkpoint.resume={bad}", "train.epochs=2"))
     assert proc.returncode == 2 and "weights are not finite" in one_line(proc)
-    assert not (tmp_path / "r" / "config.yaml").exists()
+    assert not (tmp_path / "r").exists()  # not even an empty folder holding the lock
 
 
 # ---- resuming a damaged or changed run -----------------------------------------------------------------
@@ -144,6 +207,18 @@ def test_a_resume_that_cannot_apply_a_change_or_load_a_checkpoint_stops(tmp_path
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert "none of them loads" in lines[-1] and "checkpoint.resume=never" in lines[-1], proc.stderr
     assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_a_refused_resume_leaves_no_run_directory(tmp_path, trained, data_root, train_here):
+    state = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)
+    torch.save(state, tmp_path / "good.pt")
+    state["model"]["0.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    for ckpt, refusal in (("good.pt", "cannot resume with a changed model.stem"), ("nan.pt", "not finite")):
+        resume = f"checkpoint.resume={tmp_path / ckpt}"
+        code, _, err = train_here(*small_run(data_root, tmp_path / "runs", "new", resume, "model.stem=cifar"))
+        assert code == 2 and refusal in err.strip().splitlines()[-1]
+        assert not (tmp_path / "runs").exists()
 
 
 def test_torn_metrics_lines(tmp_path, capsys):
@@ -234,6 +309,70 @@ def test_an_unusable_run_dir_is_refused_before_anything_is_written(tmp_path, dat
     with tmpfs(tmp_path / "ro", "size=1m,ro") as ro:
         proc = run(TRAIN + small_run(data_root, ro / "runs", "x"), timeout=60)
         assert proc.returncode == 2 and "Read-only file system" in one_line(proc)
+
+
+def _damaged_copy(data_root: Path, to: Path) -> Path:
+    shutil.copytree(data_root, to)
+    labels = to / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:-1] + bytes([200]))
+    return to
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "data.root is a file",
+        "data.root is damaged",
+        "data.root is read-only",
+        "run.name of 300 characters",
+        ".lock is a folder",
+        ".lock is not a lock",
+        "checkpoints/last.pt is a folder",
+        "a step file is a folder",
+    ],
+)
+def test_found_before_anything_is_created_exit_2_with_one_line(tmp_path, data_root, train_here, case):
+    """The data, then the run directory: each problem in one line naming what to change, exit 2, and the
+    folders as they were (no run directory made, nothing added to an existing one)."""
+    runs, name, root = tmp_path / "runs", "x", data_root
+    (tmp_path / "afile").write_text("x")
+    in_the_way = {
+        ".lock is a folder": ".lock/",
+        ".lock is not a lock": ".lock",
+        "checkpoints/last.pt is a folder": "checkpoints/last.pt/",
+        "a step file is a folder": "checkpoints/step-00000004.pt/",
+    }.get(case)
+    if in_the_way:
+        path = runs / name / in_the_way
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if in_the_way.endswith("/") else path.write_text("my notes\n")
+    if case == "data.root is a file":
+        root = tmp_path / "afile"
+    if case == "data.root is damaged":
+        root = _damaged_copy(data_root, tmp_path / "damaged")
+    if case == "run.name of 300 characters":
+        name = "n" * 300
+    with contextlib.ExitStack() as stack:
+        if case == "data.root is read-only":
+            root = stack.enter_context(tmpfs(tmp_path / "ro", "size=1m,ro")) / "data"
+        before = tree(tmp_path)
+        code, out, err = train_here(*small_run(root, runs, name))
+        assert tree(tmp_path) == before
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    want = {
+        "data.root is a file": f"error: data.root {root} cannot hold the data: {root} is a file, not a folder",
+        "data.root is damaged": f"error: data.root {root}: t10k-labels-idx1-ubyte is not the published file",
+        "data.root is read-only": f"error: data.root {root} cannot hold the data: cannot write in {root.parent} "
+        "(Read-only file system)",
+        "run.name of 300 characters": "error: the folder name 'nnnnnnnnnnnnnnnnnnnn...' is 300 bytes long",
+        ".lock is a folder": f"error: {runs / name / '.lock'} is a folder or a link to nothing, not a file",
+        ".lock is not a lock": f"error: {runs / name / '.lock'} is not a lock file of resnet_dist",
+        "checkpoints/last.pt is a folder": f"error: {runs / name / 'checkpoints/last.pt'} is a folder",
+        "a step file is a folder": f"error: {runs / name / 'checkpoints/step-00000004.pt'} is a folder",
+    }[case]
+    assert lines[0].startswith(want), lines[0]
 
 
 # ---- the rendezvous ------------------------------------------------------------------------------------------

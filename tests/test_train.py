@@ -57,8 +57,7 @@ def test_torchrun_two_ranks(tmp_path, data_root):
     assert proc.stdout.count("resnet_dist: launcher=torchrun world_size=2") == 1  # only rank 0 speaks
     assert proc.stdout.count("epoch 2 step") == 1
     check_run(tmp_path / "two", world_size=2)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
-        ".lock",
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [  # the lock went with the run
         "checkpoints",
         "config.yaml",
         "confusion.png",
