@@ -152,25 +152,23 @@ def report(result: dict, path: Path) -> str:
     return "\n".join(lines)
 
 
+def output_files(path: Path, out: Path) -> tuple[Path, Path]:
+    """<checkpoint>.eval.json and <checkpoint>.confusion.png in `out`."""
+    return out / f"{path.stem}.eval.json", out / f"{path.stem}.confusion.png"
+
+
 def write_outputs(result: dict, summary: dict, path: Path, out: Path) -> None:
     """Rank 0: the report, <checkpoint>.eval.json, <checkpoint>.confusion.png, and the JSON line last."""
     out.mkdir(parents=True, exist_ok=True)
     print(report(result, path), flush=True)
-    json_path = out / f"{path.stem}.eval.json"
-    json_path.write_text(
-        json.dumps({**summary, "classes": list(CLASSES), "confusion": result["confusion"]}, indent=1) + "\n"
-    )
+    json_path, png_path = output_files(path, out)
+    text = json.dumps({**summary, "classes": list(CLASSES), "confusion": result["confusion"]}, indent=1)
+    checkpoint.atomic_write(json_path, lambda p: p.write_text(text + "\n"))
     written = [json_path]
     try:
         from .plots import plot_confusion
 
-        written.append(
-            plot_confusion(
-                result["confusion"],
-                out / f"{path.stem}.confusion.png",
-                f"{path.name}, step {summary['step']}",
-            )
-        )
+        written.append(plot_confusion(result["confusion"], png_path, f"{path.name}, step {summary['step']}"))
     except Exception as e:  # noqa: BLE001 - the numbers matter more than the picture
         print(f"warning: no confusion PNG ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
     print("wrote " + ", ".join(map(str, written)), flush=True)
@@ -185,9 +183,15 @@ def main(argv=None) -> int:
         "folder for the JSON and PNG (default: the checkpoint's folder)",
     )
     args = cli.parse(p, sys.argv[1:] if argv is None else argv)
-    path = Path(args.checkpoint)
+    path = cli.expand_path(args.checkpoint)
     if not path.is_file():
         cli.usage_error(f"no checkpoint file at {path}")
+    out = cli.out_folder(args.out or str(path.parent), "--out" if args.out else "the checkpoint's folder")
+    for f in output_files(path, out):
+        if f.is_dir():
+            cli.usage_error(
+                f"{f} is a folder: evaluate writes a file there (remove it, or choose another --out)"
+            )
     try:
         state = checkpoint.load(path)  # weights_only: a crafted file cannot run code
         cfg = checkpoint_config(state, args.overrides)
@@ -212,7 +216,7 @@ def main(argv=None) -> int:
                 world_size=env.world_size,
                 precision=evaluator.precision,
             )
-            write_outputs(result, summary, path, Path(args.out) if args.out else path.parent)
+            write_outputs(result, summary, path, out)
         return 0
     except DataError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -383,11 +383,13 @@ def main(argv=None) -> int:
         help="check DIR/model.onnx against the checkpoint; write nothing",
     )
     args = cli.parse(p, sys.argv[1:] if argv is None else argv)
-    path = Path(args.checkpoint)
+    path = cli.expand_path(args.checkpoint)
     formats = parse_formats(args.format) if args.format else FORMATS
-    out = Path(args.out) if args.out else default_out(path)
     if not path.is_file():
         cli.usage_error(f"no checkpoint file at {path}")
+    out = (cli.expand_path(args.out) if args.out else default_out(path)).absolute()
+    if not args.verify_only:  # --verify-only reads it, writes nothing
+        out = cli.out_folder(str(out), "--out" if args.out else "the export folder")
     for o in args.overrides:
         if o.partition("=")[0].strip() not in DATA_KEYS:
             cli.usage_error(

@@ -87,7 +87,7 @@ def image_files(args: list[str]) -> tuple[list[Path], list[str]]:
     """The files to predict, in order (a folder: its image files, sorted), and one error per bad argument."""
     files, errors = [], []
     for a in args:
-        p = Path(a)
+        p = cli.expand_path(a)
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.suffix.lower() in SUFFIXES and f.is_file())
             if not found:
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--onnx", action="store_true", help="run the export folder's model.onnx with onnxruntime")
     p.add_argument("--top", type=int, default=3, metavar="K", help="how many classes per image (default 3)")
     args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    card, runner = load_runner(Path(args.model), args.onnx)
+    card, runner = load_runner(cli.expand_path(args.model), args.onnx)
     classes = card["classes"]
     if not 1 <= args.top <= len(classes):
         cli.usage_error(f"--top must be between 1 and {len(classes)}, got {args.top}")

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from resnet_dist import evaluate
 from resnet_dist.config import ModelConfig, load
 from resnet_dist.data import load_split
 from resnet_dist.evaluate import CLASS_KEYS, Evaluator
@@ -129,3 +130,26 @@ def test_predict_normalizes_and_averages_the_mirror_with_flip_tta():
     assert torch.allclose(
         Evaluator.from_config(cfg, torch.device("cpu")).predict(model, images), (plain + mirrored) / 2
     )
+
+
+def test_out_that_cannot_be_a_folder_exits_2_before_evaluating(trained, data_root, tmp_path, capsys):
+    """--out naming a file, a folder inside a file, /proc, or the result's own name taken by a folder: one
+    line, exit 2, nothing evaluated or written (the line comes before any evaluation output)."""
+    ckpt = trained / "checkpoints" / "last.pt"
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("the user's file\n")
+    (tmp_path / "taken" / "last.eval.json").mkdir(parents=True)
+    for out, words in [
+        (a_file, f"--out {a_file}: {a_file} is a file, not a folder"),
+        (a_file / "sub", f"{a_file} is a file, not a folder"),
+        ("/proc/resnet_dist_eval", "cannot write in /proc"),
+        (tmp_path / "taken", "last.eval.json is a folder"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--checkpoint", str(ckpt), "--out", str(out), f"data.root={data_root}"])
+        captured = capsys.readouterr()
+        (line,) = captured.err.strip().splitlines()
+        assert e.value.code == 2 and line.startswith("error: ") and words in line, line
+        assert captured.out == ""  # before evaluating: no report
+    assert a_file.read_text() == "the user's file\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["last.eval.json", "results.txt", "taken"]

@@ -382,3 +382,51 @@ def test_wandb_model_artifact_offline(data_root, tmp_path):
         assert entry["size"] == (exp / name).stat().st_size and entry["digest"] == md5_b64(exp / name)
         assert md5_b64(Path(entry["local_path"])) == entry["digest"]  # the staged copy `wandb sync` sends
     assert f"wandb: logged the model artifact model-{wb.id}" in proc.stdout and wb.exit_code == 0
+
+
+def test_out_that_is_a_file_exits_2_and_the_file_stays(trained, tmp_path, capsys):
+    from resnet_dist import plots
+
+    a_file = tmp_path / "model.txt"
+    a_file.write_text("the user's notes\n")
+    ckpt = str(ckpt_of(trained))
+    for main, args in [
+        (export.main, ["--checkpoint", ckpt, "--out", str(a_file)]),
+        (export.main, ["--checkpoint", ckpt, "--out", str(a_file / "export"), "--format", "safetensors"]),
+        (plots.main, ["--checkpoint", ckpt, "--out", str(a_file)]),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        captured = capsys.readouterr()
+        (line,) = captured.err.strip().splitlines()
+        assert e.value.code == 2 and f"{a_file} is a file, not a folder" in line and not captured.out, line
+    assert [p.name for p in tmp_path.iterdir()] == [
+        "model.txt"
+    ] and a_file.read_text() == "the user's notes\n"
+
+
+def test_tilde_in_command_line_paths_is_the_home_folder(trained, data_root, tmp_path, monkeypatch, capsys):
+    """`--out=~/x` and quoted paths reach the program with the `~` (no shell expands them): every path of the
+    model tools expands it, and what they print is the absolute path."""
+    from PIL import Image
+
+    from resnet_dist import evaluate, plots
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    (home / "ck.pt").symlink_to(ckpt_of(trained))
+    image = load_split(prepare(str(data_root)), "test", 1)[0][0, 0].numpy()
+    Image.fromarray(image).save(home / "img.png")
+
+    assert export.main(["--checkpoint=~/ck.pt", "--out=~/exp", "--format", "safetensors"]) == 0
+    assert f"wrote {home / 'exp' / 'model.safetensors'}" in capsys.readouterr().out
+    assert predict.main(["--model=~/exp", "~/img.png"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(home / "img.png")
+    assert plots.main(["--checkpoint=~/ck.pt", "--out=~/plots"]) == 0
+    assert f"wrote {home / 'plots' / 'curves.png'}" in capsys.readouterr().out
+    args = ["--checkpoint=~/ck.pt", "--out=~/ev", f"data.root={data_root}", "data.test_subset=20"]
+    assert evaluate.main(args) == 0
+    assert f"wrote {home / 'ev' / 'ck.eval.json'}" in capsys.readouterr().out
+    assert not any(cwd.iterdir())  # no literal '~' folder
