@@ -2,8 +2,9 @@
 `python -m resnet_dist.evaluate --checkpoint PATH [--out DIR] [KEY=VALUE ...]`.
 
 Runs alone or under torchrun / srun / accelerate: the same numbers for any world size (each rank takes an
-unpadded shard, one all-reduce, the count checked). The model is rebuilt from the checkpoint's own config;
-KEY=VALUE overrides (data.root, data.test_subset, data.eval_batch_size, ...) apply on top of it.
+unpadded shard, one all-reduce, the count checked). The model and its input pipeline are rebuilt from the
+checkpoint's own config; KEY=VALUE overrides choose only the test data and how fast it is read (data.root,
+data.mirror, data.test_subset, data.eval_batch_size, dist.timeout_s) and are listed in the JSON.
 Rank 0 prints overall and per-class accuracy and the confusion matrix, writes <checkpoint>.eval.json and
 <checkpoint>.confusion.png (next to the checkpoint, or in --out), and its last stdout line is one JSON object.
 """
@@ -124,9 +125,29 @@ def load_model(state: dict, cfg: config.Config, device: torch.device) -> nn.Modu
     return model.to(device, memory_format=memory_format(device, cfg.train.channels_last))
 
 
-def checkpoint_config(state: dict, overrides) -> config.Config:
-    """The training run's config (from the checkpoint), then the overrides: no launch checks (the batch
-    size of training need not divide this world size, its data.mirror need not exist here)."""
+# What evaluate and export take as KEY=VALUE: where the test data comes from, how much of it, how fast it
+# is read. The rest (the model, the input size, TTA, precision, ...) is the checkpoint's: anything else
+# would measure another model or another input pipeline than the run evaluated.
+OVERRIDABLE = ("data.root", "data.mirror", "data.test_subset", "data.eval_batch_size", "dist.timeout_s")
+
+
+def check_overrides(overrides, tool: str) -> dict:
+    """{key: text} of the overrides; ConfigError in one line for a key outside OVERRIDABLE."""
+    given = dict(config.parse_override(o) for o in overrides)
+    refused = next((k for k in given if k not in OVERRIDABLE), None)
+    if refused:
+        raise config.ConfigError(
+            f"override '{refused}': {tool} takes only {', '.join(OVERRIDABLE)} (the test data and how fast "
+            "it is read); the model, input pipeline, TTA and precision come from the checkpoint"
+        )
+    return given
+
+
+def checkpoint_config(state: dict, overrides, tool: str = "evaluate") -> config.Config:
+    """The training run's config (from the checkpoint), then the overrides, of OVERRIDABLE only: no launch
+    checks (the batch size of training need not divide this world size, its data.mirror need not exist
+    here)."""
+    check_overrides(overrides, tool)
     cfg = config.apply_overrides(config.from_dict(state["config"]), overrides)
     if cfg.data.mirror is not None and not Path(cfg.data.mirror).is_dir():
         cfg.data.mirror = None  # the training machine's mirror: fall back to Debian's copy or a download
@@ -193,10 +214,12 @@ def main(argv=None) -> int:
                 f"{f} is a folder: evaluate writes a file there (remove it, or choose another --out)"
             )
     try:
+        given = check_overrides(args.overrides, "evaluate")  # before the checkpoint: cheaper
         state = checkpoint.load(path)  # weights_only: a crafted file cannot run code
         cfg = checkpoint_config(state, args.overrides)
     except (checkpoint.CheckpointError, config.ConfigError) as e:
         cli.usage_error(str(e))
+    applied = {k: config.flat(cfg.to_dict())[k] for k in given}
 
     try:
         env = distributed.setup(cfg.dist.timeout_s)
@@ -215,6 +238,7 @@ def main(argv=None) -> int:
                 epoch=state["progress"]["epoch"],
                 world_size=env.world_size,
                 precision=evaluator.precision,
+                overrides=applied,  # their values as applied (a data.mirror missing here: null)
             )
             write_outputs(result, summary, path, out)
         return 0

@@ -19,7 +19,7 @@ Writes into DIR (default: <run dir>/export for runs/NAME/checkpoints/X.pt, else 
   agreement or over 1e-3 difference the export fails (exit 1, one line) and no model.onnx is left behind.
 
 `--verify-only` checks an existing DIR/model.onnx against the checkpoint the same way and writes nothing.
-Overrides choose the verification data only: data.root, data.mirror, data.test_subset, data.eval_batch_size.
+Overrides choose the verification data only: the keys evaluate takes (evaluate.OVERRIDABLE), nothing else.
 Every file is written to a temporary name and renamed: a failed export never leaves half a file.
 """
 
@@ -37,7 +37,7 @@ from torch import nn
 
 from . import checkpoint, cli, config
 from .data import CLASSES, MEAN, STD, DataError, load_split, normalize, prepare
-from .evaluate import Evaluator, checkpoint_config, load_model
+from .evaluate import Evaluator, check_overrides, checkpoint_config, load_model
 from .model import build_model
 
 FORMATS = ("safetensors", "onnx")
@@ -45,7 +45,6 @@ ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")  # onnxscript: the dynamo e
 INSTALL_HINT = "pip install -e .[export]"
 MAX_DIFF, MIN_AGREEMENT = 1e-3, 0.999
 SOURCE_SIZE = 28  # Fashion-MNIST's images; a larger data.resize is bilinear up-sampling of these
-DATA_KEYS = ("data.root", "data.mirror", "data.test_subset", "data.eval_batch_size")
 CPU = torch.device("cpu")
 
 
@@ -175,7 +174,7 @@ def load_exported(folder: Path) -> tuple[dict, nn.Module]:
 def load_checkpoint(path: Path, overrides=()) -> tuple[dict, config.Config, dict, nn.Module]:
     """(state, config, card, model in eval mode on CPU) of a checkpoint; CheckpointError or ConfigError."""
     state = checkpoint.load(path)  # weights_only: a crafted file cannot run code
-    cfg = checkpoint_config(state, overrides)
+    cfg = checkpoint_config(state, overrides, "export")
     return state, cfg, model_card(state, cfg, path), load_model(state, cfg, CPU).eval()
 
 
@@ -390,12 +389,10 @@ def main(argv=None) -> int:
     out = (cli.expand_path(args.out) if args.out else default_out(path)).absolute()
     if not args.verify_only:  # --verify-only reads it, writes nothing
         out = cli.out_folder(str(out), "--out" if args.out else "the export folder")
-    for o in args.overrides:
-        if o.partition("=")[0].strip() not in DATA_KEYS:
-            cli.usage_error(
-                f"override {o!r}: export takes only {', '.join(DATA_KEYS)} (the verification data); the model, "
-                "input size and TTA come from the checkpoint"
-            )
+    try:
+        check_overrides(args.overrides, "export")  # before the checkpoint: cheaper
+    except config.ConfigError as e:
+        cli.usage_error(str(e))
     if args.verify_only and not (out / "model.onnx").is_file():
         cli.usage_error(f"--verify-only: no model.onnx in {out}")
     try:

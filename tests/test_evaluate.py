@@ -63,7 +63,41 @@ def test_overrides_apply(trained, data_root):
         ]
     )
     assert proc.returncode == 0, proc.stderr
-    assert last_json(proc.stdout)["test/samples"] == 300
+    result = last_json(proc.stdout)
+    assert result["test/samples"] == 300
+    # what the command changed, as applied, is part of the result
+    assert result["overrides"] == {
+        "data.root": str(data_root),
+        "data.test_subset": 300,
+        "data.eval_batch_size": 64,
+    }
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.resize=96",
+        "model.stem=cifar",
+        "model.num_classes=12",
+        "train.tta_flip=true",
+        "train.precision=bf16",
+    ],
+)
+def test_overrides_that_change_what_is_evaluated_are_refused(trained, tmp_path, override, capsys):
+    """Only the test data and how fast it is read may change: the model, the input size, TTA and precision
+    are the checkpoint's (the same rule as export's)."""
+    from resnet_dist import export
+
+    ckpt = str(trained / "checkpoints" / "last.pt")
+    for main, tool in ((evaluate.main, "evaluate"), (export.main, "export")):
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", ckpt, "--out", str(tmp_path), override])
+        captured = capsys.readouterr()
+        (line,) = captured.err.strip().splitlines()
+        key = override.partition("=")[0]
+        assert e.value.code == 2 and line.startswith(f"error: override '{key}': {tool} takes only data.root")
+        assert not captured.out
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
