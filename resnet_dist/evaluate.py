@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, cli, config, distributed
-from .data import CLASSES, DataError, eval_shard, load_split, normalize, prepare
+from .data import CLASSES, FILES, DataError, eval_shard, load_split, normalize, prepare
 from .distributed import DistEnv
 from .model import build_model, memory_format
 from .optim import autocast_for, resolve_precision
@@ -154,6 +154,20 @@ def checkpoint_config(state: dict, overrides, tool: str = "evaluate") -> config.
     return cfg
 
 
+def check_data_root(root: str) -> None:
+    """Before any work: data.root holds the prepared test set, or is a folder it can be prepared in (made
+    when missing, as training does); else ConfigError in one line naming the key."""
+    raw = Path(root) / "FashionMNIST" / "raw"
+    if all((raw / name).is_file() for name in FILES):
+        return
+    problem = cli.folder_problem(raw.parent)
+    if problem:
+        raise config.ConfigError(
+            f"config key 'data.root' ({root}): {problem}; the test set is not prepared there and cannot be "
+            "(set data.root to the folder that holds FashionMNIST/raw, or to a writable one)"
+        )
+
+
 def report(result: dict, path: Path) -> str:
     """Human-readable: overall and per-class accuracy, then the confusion matrix (rows true, columns predicted)."""
     conf = result["confusion"]
@@ -217,6 +231,7 @@ def main(argv=None) -> int:
         given = check_overrides(args.overrides, "evaluate")  # before the checkpoint: cheaper
         state = checkpoint.load(path)  # weights_only: a crafted file cannot run code
         cfg = checkpoint_config(state, args.overrides)
+        check_data_root(cfg.data.root)
     except (checkpoint.CheckpointError, config.ConfigError) as e:
         cli.usage_error(str(e))
     applied = {k: config.flat(cfg.to_dict())[k] for k in given}

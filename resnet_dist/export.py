@@ -37,7 +37,7 @@ from torch import nn
 
 from . import checkpoint, cli, config
 from .data import CLASSES, MEAN, STD, DataError, load_split, normalize, prepare
-from .evaluate import Evaluator, check_overrides, checkpoint_config, load_model
+from .evaluate import Evaluator, check_data_root, check_overrides, checkpoint_config, load_model
 from .model import build_model
 
 FORMATS = ("safetensors", "onnx")
@@ -395,13 +395,14 @@ def main(argv=None) -> int:
         cli.usage_error(str(e))
     if args.verify_only and not (out / "model.onnx").is_file():
         cli.usage_error(f"--verify-only: no model.onnx in {out}")
-    try:
-        state, cfg, card, model = load_checkpoint(path, args.overrides)
-    except (checkpoint.CheckpointError, config.ConfigError) as e:
-        cli.usage_error(str(e))
-
     wants_onnx = "onnx" in formats or args.verify_only
     missing = onnx_missing() if wants_onnx else []
+    try:
+        state, cfg, card, model = load_checkpoint(path, args.overrides)
+        if wants_onnx and not missing:  # the verification reads the test set
+            check_data_root(cfg.data.root)
+    except (checkpoint.CheckpointError, config.ConfigError) as e:
+        cli.usage_error(str(e))
     if not args.verify_only:
         written = write_weights(state, card, out, formats)
         print("wrote " + ", ".join(map(str, written)), flush=True)

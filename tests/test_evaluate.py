@@ -187,3 +187,27 @@ def test_out_that_cannot_be_a_folder_exits_2_before_evaluating(trained, data_roo
         assert captured.out == ""  # before evaluating: no report
     assert a_file.read_text() == "the user's file\n"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["last.eval.json", "results.txt", "taken"]
+
+
+def test_unusable_data_root_exits_2_naming_it_before_evaluating(trained, tmp_path, capsys):
+    """A data.root that is a file, lies inside one, or cannot be made (and the test set is not prepared
+    there): one line naming data.root, exit 2, nothing evaluated or written; export's verification alike."""
+    from resnet_dist import export
+
+    a_file = tmp_path / "data.txt"
+    a_file.write_text("not a folder\n")
+    ckpt = str(trained / "checkpoints" / "last.pt")
+    out = tmp_path / "out"
+    for root, words in [
+        (a_file, f"{a_file} is a file, not a folder"),
+        (a_file / "sub", f"{a_file} is a file, not a folder"),
+        ("/proc/resnet_dist_data", "cannot write in /proc"),
+    ]:
+        for main in (evaluate.main, export.main):
+            with pytest.raises(SystemExit) as e:
+                main(["--checkpoint", ckpt, "--out", str(out), f"data.root={root}", "data.test_subset=10"])
+            captured = capsys.readouterr()
+            (line,) = captured.err.strip().splitlines()
+            assert e.value.code == 2 and line.startswith(f"error: config key 'data.root' ({root}): ")
+            assert words in line and not captured.out, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]
