@@ -211,3 +211,93 @@ def test_unusable_data_root_exits_2_naming_it_before_evaluating(trained, tmp_pat
             assert e.value.code == 2 and line.startswith(f"error: config key 'data.root' ({root}): ")
             assert words in line and not captured.out, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity (not JSON): a null must stay null."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+
+# the first 5 test images are of classes 9, 2, 1, 1, 6: the other six classes have no image
+PRESENT = ("ankle_boot", "pullover", "trouser", "shirt")
+
+
+def test_a_class_without_test_images_has_null_accuracy(trained, data_root, tmp_path, capsys):
+    ckpt = str(trained / "checkpoints" / "last.pt")
+    args = ["--checkpoint", ckpt, "--out", str(tmp_path), f"data.root={data_root}", "data.test_subset=5"]
+    assert evaluate.main(args) == 0
+    out = capsys.readouterr().out
+    result = strict_json(out.strip().splitlines()[-1])
+    saved = strict_json((tmp_path / "last.eval.json").read_text())
+    for key in CLASS_KEYS:
+        if key in PRESENT:
+            assert isinstance(result[f"test/acc/{key}"], float), key
+        else:
+            assert result[f"test/acc/{key}"] is None and saved[f"test/acc/{key}"] is None, key
+    assert "  Coat         no images  (0/0)" in out.splitlines()
+
+
+def test_null_accuracies_through_every_logger(data_root, tmp_path, capsys):
+    """A real (tiny) training run evaluating 5 test images: metrics.jsonl holds null for the six classes
+    without an image, the console line and the plots work (the confusion matrix says "no images"), and
+    W&B and TensorBoard get no point for those keys (a chart cannot show "no value")."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from resnet_dist import plots
+    from resnet_dist.data import load_splits
+    from resnet_dist.distributed import DistEnv
+    from resnet_dist.metrics import ConsoleLogger, JsonlLogger, MultiLogger
+    from resnet_dist.tensorboard_logger import TensorBoardLogger
+    from resnet_dist.trainer import Trainer
+    from resnet_dist.wandb_logger import WandbLogger
+
+    class WandbRun:  # what WandbLogger sends to a W&B run, recorded
+        id, dir, logged = "abc", str(tmp_path / "wandb" / "run"), []
+
+        def log(self, data, step):
+            self.logged.append(data)
+
+    cfg = load(
+        None,
+        [f"data.root={data_root}", "data.train_subset=16", "data.test_subset=5", "data.resize=8"]
+        + ["train.batch_size=8", "train.epochs=1", "log.every_steps=1"],
+        world_size=1,
+    )
+    env = DistEnv(
+        rank=0, local_rank=0, world_size=1, launcher="none", device=torch.device("cpu"), backend=None
+    )
+    wb = WandbRun()
+    tb = TensorBoardLogger(SummaryWriter(str(tmp_path / "tb")))
+    logger = MultiLogger(ConsoleLogger(), JsonlLogger(tmp_path / "metrics.jsonl"), tb, WandbLogger(wb, True))
+    trainer = Trainer(cfg, env, load_splits(cfg.data, env.device), tmp_path, logger)
+    trainer.fit()
+    logger.close()
+
+    (record,) = [
+        r
+        for r in map(strict_json, (tmp_path / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "epoch"
+    ]
+    absent = [k for k in CLASS_KEYS if k not in PRESENT]
+    assert all(record[f"test/acc/{k}"] is None for k in absent) and all(
+        isinstance(record[f"test/acc/{k}"], float) for k in PRESENT
+    )
+    assert "(5 images)" in capsys.readouterr().out  # the console's epoch line
+    epoch_logged = wb.logged[-1]
+    assert "test/acc" in epoch_logged and not any(f"test/acc/{k}" in epoch_logged for k in absent)
+    assert all(f"test/acc/{k}" in epoch_logged for k in PRESENT)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "test/acc" in tags and not any(f"test/acc/{k}" in tags for k in absent)
+
+    written = plots.write_run_plots(tmp_path, trainer.history)
+    assert [p.name for p in written] == ["curves.png", "confusion.png"]
+    fig = plots.confusion_figure(trainer.history[-1]["confusion"])
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert (
+        labels[4] == "Coat (no images)"
+        and labels[9] == "Ankle boot"
+        and sum("no images" in t for t in labels) == 6
+    )
