@@ -430,3 +430,118 @@ def test_tilde_in_command_line_paths_is_the_home_folder(trained, data_root, tmp_
     assert evaluate.main(args) == 0
     assert f"wrote {home / 'ev' / 'ck.eval.json'}" in capsys.readouterr().out
     assert not any(cwd.iterdir())  # no literal '~' folder
+
+
+def png16(path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG (gray [H, W] or RGB [H, W, 3] uint16), written by hand: Pillow writes no 16-bit colour."""
+    import struct
+    import zlib
+
+    h, w = pixels.shape[:2]
+    kind = 0 if pixels.ndim == 2 else 2
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, kind, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_every_image_mode_predicts_as_its_8_bit_original(trained, data_root, tmp_path, capsys):
+    """Real test images saved as 16-bit gray and RGB, 32-bit int and float, palette, gray + alpha, RGBA, CMYK
+    and 1-bit files: each becomes the same model input as its 8-bit original (1-bit: as the thresholded
+    original), so the same probabilities. A 16-bit picture is scaled by its depth, not clipped to white."""
+    from PIL import Image
+
+    images = load_split(prepare(str(data_root)), "test", 6)[0][:, 0].numpy()
+    ramp = [v for i in range(256) for v in (i, i, i)]
+    folders = {name: tmp_path / name for name in ("orig", "binary_orig", "modes", "binary")}
+    for f in folders.values():
+        f.mkdir()
+    for i, g in enumerate(images):
+        Image.fromarray(g).save(folders["orig"] / f"{i}.png")
+        g16 = g.astype(np.uint16) * 257
+        variants = {
+            "gray16.png": Image.fromarray(g16),  # mode I;16
+            "int32.tif": Image.fromarray(g16.astype(np.int32)),  # mode I
+            "float.tif": Image.fromarray(g.astype(np.float32) / 255),  # mode F, 0..1
+            "rgb.png": Image.fromarray(np.stack([g] * 3, -1)),
+            "la.png": Image.fromarray(np.stack([g, np.full_like(g, 255)], -1), "LA"),
+            "rgba.png": Image.fromarray(np.stack([g] * 3 + [np.full_like(g, 255)], -1)),
+            "cmyk.tif": Image.fromarray(g).convert("CMYK"),
+        }
+        palette = Image.frombytes("P", g.shape[::-1], g.tobytes())
+        palette.putpalette(ramp)
+        variants["palette.png"] = palette
+        for name, img in variants.items():
+            img.save(folders["modes"] / f"{i}-{name}")
+        png16(folders["modes"] / f"{i}-rgb16.png", np.stack([g16, g16, g16], -1))
+        binary = np.where(g > 127, 255, 0).astype(np.uint8)
+        Image.fromarray(binary).save(folders["binary_orig"] / f"{i}.png")
+        Image.fromarray(binary).convert("1").save(folders["binary"] / f"{i}.png")
+    for name, want in [("gray16.png", "I;16"), ("int32.tif", "I"), ("float.tif", "F"), ("palette.png", "P")]:
+        with Image.open(folders["modes"] / f"0-{name}") as img:
+            assert img.mode == want, (name, img.mode)
+
+    def probs(folder) -> dict:
+        files = sorted(map(str, folder.iterdir()))  # as files: a folder argument takes PNG and JPEG only
+        assert predict.main(["--model", str(ckpt_of(trained)), "--top", "10", *files]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+        return {Path(r["path"]).name: {t["index"]: t["prob"] for t in r["top"]} for r in lines}
+
+    orig, modes = probs(folders["orig"]), probs(folders["modes"])
+    assert len(modes) == 6 * 9
+    for name, p in modes.items():
+        want = orig[name.split("-")[0] + ".png"]
+        assert max(abs(p[c] - want[c]) for c in want) < 1e-6, name
+    for name, p in probs(folders["binary"]).items():
+        want = probs(folders["binary_orig"])[name]
+        assert max(abs(p[c] - want[c]) for c in want) < 1e-6, name
+    # the inputs themselves are equal, pixel for pixel
+    for name in ("gray16.png", "rgb16.png", "int32.tif", "float.tif", "cmyk.tif", "palette.png"):
+        a = predict.read_image(folders["modes"] / f"3-{name}", invert=False)
+        assert torch.equal(a, torch.from_numpy(images[3]).unsqueeze(0)), name
+
+
+PILLOW_LIMIT = """
+import runpy, sys
+from PIL import Image
+Image.MAX_IMAGE_PIXELS = 2000  # a 50x50 image is then a possible decompression bomb: a warning, not an error
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def corrupt_exif() -> bytes:
+    """An EXIF block whose directory claims 3 entries and holds 1: Pillow warns "Corrupt EXIF data"."""
+    import struct
+
+    entry = struct.pack(">HHI4s", 0x010E, 2, 2, b"A\x00\x00\x00")  # ImageDescription "A"
+    return b"Exif\x00\x00MM\x00\x2a" + struct.pack(">IH", 8, 3) + entry + struct.pack(">I", 0)
+
+
+def test_pillow_warnings_are_one_line_per_image(trained, data_root, tmp_path):
+    from PIL import Image
+
+    g = load_split(prepare(str(data_root)), "test", 1)[0][0, 0].numpy()
+    Image.fromarray(g).resize((50, 50)).save(tmp_path / "a_big.png")
+    Image.fromarray(g).save(tmp_path / "b_exif.jpg", exif=corrupt_exif())
+    Image.fromarray(g).save(tmp_path / "c_exif.png", exif=corrupt_exif())
+    Image.fromarray(g).save(tmp_path / "d_plain.png")
+    proc = run(
+        [PY, "-c", PILLOW_LIMIT, "resnet_dist.predict", "--model", str(ckpt_of(trained)), str(tmp_path)]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 4  # every image predicted
+    assert proc.stderr.strip().splitlines() == [
+        f"warning: {tmp_path / 'a_big.png'}: Image size (2500 pixels) exceeds limit of 2000 pixels, could be "
+        "decompression bomb DOS attack.",
+        f"warning: {tmp_path / 'b_exif.jpg'}: Corrupt EXIF data. Expecting to read 12 bytes but only got 4.",
+        f"warning: {tmp_path / 'c_exif.png'}: Corrupt EXIF data. Expecting to read 12 bytes but only got 4.",
+    ]
