@@ -92,6 +92,11 @@ def last_test(state: dict, ckpt: Path) -> dict | None:
     }
 
 
+def class_names(n: int) -> list[str]:
+    """One name per output: Fashion-MNIST's, then "class 10", ... for a model with more outputs."""
+    return list(CLASSES[:n]) + [f"class {i}" for i in range(len(CLASSES), n)]
+
+
 def model_card(state: dict, cfg: config.Config, ckpt: Path) -> dict:
     """model.json: everything a user of the weights needs, without this package."""
     size = cfg.data.resize or SOURCE_SIZE
@@ -103,7 +108,7 @@ def model_card(state: dict, cfg: config.Config, ckpt: Path) -> dict:
         "model": cfg.to_dict()["model"],
         "weights": "ema" if state.get("ema") else "model",
         "tta_flip": cfg.train.tta_flip,
-        "classes": list(CLASSES),
+        "classes": class_names(cfg.model.num_classes),
         "input": {
             "channels": 1,
             "size": size,
@@ -131,18 +136,29 @@ def model_card(state: dict, cfg: config.Config, ckpt: Path) -> dict:
 
 
 def read_card(folder: Path) -> dict:
+    """model.json of an export folder, checked for what the runners read: a model this package can build, an
+    input size, and one class name per output of that model."""
+    path = folder / "model.json"
     try:
-        card = json.loads((folder / "model.json").read_text())
-        config.from_dict({"model": card["model"]})  # a model this package can build
-        _ = card["input"]["size"], card["classes"], card["tta_flip"]  # what the runners read
+        card = json.loads(path.read_text())
+        outputs = config.from_dict(
+            {"model": card["model"]}
+        ).model.num_classes  # a model this package can build
+        _ = int(card["input"]["size"]), bool(card["tta_flip"])
+        classes = card["classes"]
     except FileNotFoundError:
         raise ExportError(
             f"{folder} has no model.json: not an export folder (python -m resnet_dist.export)"
         ) from None
     except (OSError, ValueError, KeyError, TypeError, config.ConfigError) as e:
+        raise ExportError(f"{path} is not a usable model card ({type(e).__name__}: {e})") from None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ExportError(f"{path} is not a usable model card: 'classes' is not a list of names")
+    if len(classes) != outputs:
         raise ExportError(
-            f"{folder / 'model.json'} is not a usable model card ({type(e).__name__}: {e})"
-        ) from None
+            f"{path} is not a usable model card: it names {len(classes)} classes, its model has {outputs} "
+            "outputs (model.num_classes)"
+        )
     return card
 
 
@@ -209,6 +225,14 @@ class OnnxRunner:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ExportError(f"{path}: onnxruntime cannot load it ({first})") from None
         self.runtime = f"onnxruntime {ort.__version__} CPUExecutionProvider"
+        (inp,), (out,) = self.session.get_inputs(), self.session.get_outputs()
+        n, size = len(card["classes"]), card["input"]["size"]
+        if isinstance(out.shape[-1], int) and out.shape[-1] != n:
+            raise ExportError(f"{path} has {out.shape[-1]} outputs, its model.json names {n} classes")
+        if isinstance(inp.shape[-1], int) and inp.shape[-1] != size:
+            raise ExportError(
+                f"{path} takes {inp.shape[-1]}x{inp.shape[-1]} images, its model.json says {size}"
+            )
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         x, b = normalize(images, self.size).numpy(), self.batch_size

@@ -179,12 +179,13 @@ def main(argv=None) -> int:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="PNG/JPEG files or folders of them")
     p.add_argument("--invert", action="store_true", help="dark garment on a light background: invert first")
     p.add_argument("--onnx", action="store_true", help="run the export folder's model.onnx with onnxruntime")
-    p.add_argument("--top", type=int, default=3, metavar="K", help="how many classes per image (default 3)")
+    p.add_argument("--top", type=int, metavar="K", help="how many classes per image (default 3)")
     args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     card, runner = load_runner(cli.expand_path(args.model), args.onnx)
     classes = card["classes"]
-    if not 1 <= args.top <= len(classes):
-        cli.usage_error(f"--top must be between 1 and {len(classes)}, got {args.top}")
+    top = min(3, len(classes)) if args.top is None else args.top
+    if not 1 <= top <= len(classes):
+        cli.usage_error(f"--top must be between 1 and {len(classes)} (the model's classes), got {top}")
 
     files, errors = image_files(args.images)
     for e in errors:
@@ -201,8 +202,8 @@ def main(argv=None) -> int:
                 failed += 1
         if not images:
             continue
-        for path, top in zip(read, top_k(runner.logits(torch.stack(images)), classes, args.top)):
-            print(json.dumps({"path": str(path), "top": top}), flush=True)
+        for path, best in zip(read, top_k(runner.logits(torch.stack(images)), classes, top)):
+            print(json.dumps({"path": str(path), "top": best}), flush=True)
     return 1 if failed else 0
 
 
