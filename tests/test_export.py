@@ -572,3 +572,141 @@ def test_the_card_names_one_class_per_output():
     assert export.class_names(12) == [*CLASSES, "class 10", "class 11"] and export.class_names(3) == list(
         CLASSES[:3]
     )
+
+
+def listing(folder: Path) -> dict:
+    """{name: bytes} of a folder's files."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_export_never_replaces_files_it_did_not_write(trained, tmp_path, capsys):
+    """A folder holding the user's model.onnx and model.json, or an export of ours plus a file of the user's,
+    is refused (exit 2, one line) and left byte for byte; an earlier export of ours alone is replaced whole."""
+    ckpt = str(ckpt_of(trained))
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "model.onnx").write_bytes(b"the user's own ONNX model")
+    (users / "model.json").write_text('{"labels": ["cat", "dog"]}\n')
+    ours = tmp_path / "ours"
+    assert export.main(["--checkpoint", ckpt, "--out", str(ours), "--format", "safetensors"]) == 0
+    card = json.loads((ours / "model.json").read_text())
+    assert card["files"] == ["model.safetensors", "model.json"]
+    with_notes = tmp_path / "with_notes"
+    shutil.copytree(ours, with_notes)
+    (with_notes / "notes.txt").write_text("mine\n")
+    stray = tmp_path / "stray_onnx"  # an export without ONNX, and a model.onnx it did not write
+    shutil.copytree(ours, stray)
+    (stray / "model.onnx").write_bytes(b"not from this export")
+    capsys.readouterr()
+    for folder, names in [
+        (users, "no model.json of an export (model.json, model.onnx)"),
+        (with_notes, "files its export did not write (notes.txt)"),
+        (stray, "files its export did not write (model.onnx)"),
+    ]:
+        before = listing(folder)
+        for formats in ("safetensors", "safetensors,onnx"):
+            with pytest.raises(SystemExit) as e:
+                export.main(["--checkpoint", ckpt, "--out", str(folder), "--format", formats])
+            captured = capsys.readouterr()
+            (line,) = captured.err.strip().splitlines()
+            assert (
+                e.value.code == 2
+                and line
+                == f"error: {folder} holds {names}: an export replaces its folder "
+                + (
+                    "whole, so it writes only into a new or empty folder or over an earlier export; move those files "
+                    "or choose another --out"
+                )
+            )
+            assert listing(folder) == before and not captured.out
+
+    # an export of ours alone: replaced whole, nothing left beside it
+    (ours / "model.json").write_text(json.dumps({**card, "last_test": "edited"}))
+    assert export.main(["--checkpoint", ckpt, "--out", str(ours), "--format", "safetensors"]) == 0
+    assert json.loads((ours / "model.json").read_text()) == card
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "stray_onnx", "users", "with_notes"]
+
+
+def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path):
+    from resnet_dist import exportdir
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "model.json").write_text(json.dumps({"format": exportdir.FORMAT, "files": ["model.json"]}))
+    before = listing(out)
+    with pytest.raises(RuntimeError, match="verification failed"):
+        with exportdir.replaced(out) as new:
+            (new / "model.json").write_text("half an export")
+            raise RuntimeError("verification failed")
+    assert listing(out) == before and [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_export_set_aside_by_a_killed_swap_is_put_back(tmp_path):
+    """A kill between the swap's two renames leaves the previous export aside and no folder in its place: the
+    next export puts it back first (then replaces it, or leaves it there if it fails)."""
+    import socket
+
+    from resnet_dist import exportdir
+
+    out = tmp_path / "export"
+    aside = tmp_path / f".export.old-{socket.gethostname()}-{dead_pid()}"
+    unfinished = tmp_path / f".export.export-{socket.gethostname()}-{dead_pid()}"
+    aside.mkdir(), unfinished.mkdir()
+    (aside / "model.json").write_text("the previous export")
+    (unfinished / "model.safetensors").write_text("half of the new one")
+    said = exportdir.clean_stale(out)
+    assert len(said) == 2 and "put back the previous export" in said[0] and "unfinished" in said[1]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert (out / "model.json").read_text() == "the previous export"
+
+
+def test_sigkill_during_the_onnx_verification_keeps_the_previous_export(trained, exported, tmp_path, capsys):
+    """A real export killed (SIGKILL) while it verifies its new model.onnx: the previous export, model.onnx
+    included, is untouched and loads; the next export removes the killed one's folder."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import onnxruntime as ort
+
+    from .helpers import REPO, clean_env
+
+    previous, _ = exported
+    out = tmp_path / "export"
+    shutil.copytree(previous, out)
+    before = listing(out)
+    args = ["--checkpoint", str(ckpt_of(trained)), "--out", str(out)]
+    proc = subprocess.Popen(
+        [PY, "-m", "resnet_dist.export", *args, "data.test_subset=3000"],  # a long verification to land in
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    staging = tmp_path / f".export.export-{os.uname().nodename}-{proc.pid}"
+    deadline, sizes = time.time() + 240, []
+    while len(sizes) < 3 or sizes[-1] != sizes[-3] or sizes[-1] < 40e6:  # the new model.onnx, complete
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        sizes.append(sum(p.stat().st_size for p in staging.glob("*model.onnx")) if staging.is_dir() else 0)
+        time.sleep(0.1)
+    time.sleep(0.5)  # into the verification
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert staging.is_dir()  # killed before the swap
+    assert listing(out) == before
+    ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])  # loads
+
+    assert export.main([*args, "--format", "safetensors"]) == 0
+    said = capsys.readouterr().out
+    assert f"note: removed {staging} (the unfinished folder of an export that was killed)" in said
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
