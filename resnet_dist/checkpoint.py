@@ -98,16 +98,117 @@ def finite(state: dict) -> bool:
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
+NUMBER = (int, float)
+TENSORS = "tensors"  # a dict of tensors (a state_dict)
+# Every key that evaluate, export, predict, plots or a resume reads, with its type (a dict: its own keys, a
+# list [T]: every item a T). Keys that older checkpoints lack are read with .get and listed in OPTIONAL.
+SCHEMA = {
+    "model": TENSORS,
+    "config": {"model": dict},  # the whole config is checked by config.from_dict
+    "progress": {
+        "epoch": int,
+        "step_in_epoch": int,
+        "global_step": int,
+        "sampler_seed": int,
+        "interval": list,
+        "interval_steps": int,
+        "interval_trained": int,
+        "interval_time": NUMBER,
+        "epoch_sums": list,
+        "epoch_steps": int,
+        "epoch_time": NUMBER,
+    },
+    "optimizer": {"state": dict, "param_groups": list},
+    "rng": [{"torch": torch.Tensor, "numpy": list, "python": tuple}],
+}
+OPTIONAL = {
+    "scaler": {"scaler": dict, "skipped": int, "interval_skipped": int, "in_a_row": int},  # or None: not fp16
+    "ema": {"weights": TENSORS, "n_averaged": (int, torch.Tensor)},  # or None: no EMA
+    "history": [{"epoch": int, "confusion": list}],
+}
+
+
+def schema_problem(value, want, name: str) -> str | None:
+    """What in `value` does not match `want` (see SCHEMA), named by its dotted key; None when all does."""
+    if want == TENSORS:
+        if not isinstance(value, dict) or not all(isinstance(t, torch.Tensor) for t in value.values()):
+            return f"'{name}' is not a dict of tensors"
+        return None
+    if isinstance(want, list):
+        if not isinstance(value, list):
+            return f"'{name}' is a {type(value).__name__}, not a list"
+        return next(
+            (p for i, v in enumerate(value) if (p := schema_problem(v, want[0], f"{name}[{i}]"))), None
+        )
+    if isinstance(want, dict):
+        if not isinstance(value, dict):
+            return f"'{name}' is a {type(value).__name__}, not a dict"
+        for key, sub in want.items():
+            if key not in value:
+                return f"'{name}.{key}' is missing"
+            if problem := schema_problem(value[key], sub, f"{name}.{key}"):
+                return problem
+        return None
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        return f"'{name}' is a {type(value).__name__}, not {getattr(want, '__name__', 'a number')}"
+    return None
+
+
+def structure_problem(state) -> str | None:
+    """What keeps `state` from being a usable checkpoint (a missing key, a wrong type, a config this package
+    cannot read), or None."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a checkpoint's dict"
+    for key, want in SCHEMA.items():
+        if key not in state:
+            return f"'{key}' is missing"
+        if problem := schema_problem(state[key], want, key):
+            return problem
+    for key, want in OPTIONAL.items():
+        if state.get(key) is not None and (problem := schema_problem(state[key], want, key)):
+            return problem
+    from . import config  # a leaf module: no cycle
+    from .model import build_model
+
+    try:
+        model_cfg = config.from_dict(state["config"]).model
+    except config.ConfigError as e:
+        return f"its config is not usable ({e})"
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = {k: t.shape for k, t in build_model(model_cfg).state_dict().items()}
+    ema = [("ema.weights", state["ema"]["weights"])] if state.get("ema") else []
+    return next(
+        (p for name, w in [("model", state["model"]), *ema] if (p := fit_problem(name, w, expected))), None
+    )
+
+
+def fit_problem(name: str, weights: dict, expected: dict) -> str | None:
+    """How a state_dict differs from the tensor names and shapes its model config needs, or None."""
+    missing, extra = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    if missing or extra:
+        listed = [
+            f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (("lacks", missing), ("has unknown", extra))
+            if keys
+        ]
+        return f"'{name}' does not fit its model config: it {' and '.join(listed)}"
+    bad = next((k for k, shape in expected.items() if weights[k].shape != shape), None)
+    if bad:
+        return f"'{name}.{bad}' has shape {list(weights[bad].shape)}, its model config needs {list(expected[bad])}"
+    return None
+
+
 def load(path: Path) -> dict:
     """Load with `weights_only=True`: tensors and plain values only, so a crafted pickle cannot run code.
-    A file that is not a complete checkpoint, or whose weights are not finite, raises CheckpointError."""
+    A file that is not a complete checkpoint (every key the tools read, of the right type), or whose weights
+    are not finite, raises CheckpointError."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or unsafe all mean "not usable"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a valid checkpoint ({first[:200]})") from None
-    if not isinstance(state, dict) or "model" not in state or "progress" not in state:
-        raise CheckpointError(f"{path}: not a resnet_dist checkpoint")
+    if problem := structure_problem(state):
+        raise CheckpointError(f"{path}: not a complete resnet_dist checkpoint: {problem}")
     if not finite(state):
         raise CheckpointError(f"{path}: its weights are not finite (a diverged run): not usable")
     return state
@@ -192,7 +293,7 @@ def restore_rng(rngs: list, rank: int, gen: torch.Generator, fresh_seed: int, sa
     if rank < len(rngs) and set_rng_state(rngs[rank], gen):
         return
     gen.manual_seed(fresh_seed)
-    saved_on = rngs[0].get("augment_device", "cpu")
+    saved_on = rngs[0].get("augment_device", "cpu") if rngs else gen.device.type
     if say and saved_on != gen.device.type:
         print(
             f"note: the checkpoint's augmentation random streams were saved on {saved_on} and cannot be "

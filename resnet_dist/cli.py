@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import NoReturn
 
 from . import distributed
@@ -20,6 +22,37 @@ def checkpoint_parser(module: str, doc: str, checkpoint_help: str, out_help: str
     p.add_argument("--checkpoint", required=True, help=checkpoint_help)
     p.add_argument("--out", help=out_help)
     return p
+
+
+def expand_path(text: str) -> Path:
+    """A path as the user gave it, with `~` expanded: a shell leaves `--out=~/x` and quoted paths alone."""
+    return Path(os.path.expanduser(text))
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why files cannot be written into `folder` (made when missing), or None: a part of it that is a file,
+    or the deepest part that exists refusing a file (a nameless probe, gone at once). Creates nothing."""
+    for part in [folder, *folder.parents]:
+        if part.exists() and not part.is_dir():
+            return f"{part} is a file, not a folder"
+        if part.is_dir():
+            try:
+                with tempfile.TemporaryFile(dir=part):
+                    pass
+            except OSError as e:
+                return f"cannot write in {part} ({e.strerror or type(e).__name__})"
+            return None
+    return None
+
+
+def out_folder(text: str, what: str = "--out") -> Path:
+    """An output folder argument: `~` expanded, absolute (what the tools then print), and usable, else exit 2
+    with one line before anything is read or written."""
+    folder = expand_path(text).absolute()
+    problem = folder_problem(folder)
+    if problem:
+        usage_error(f"{what} {folder}: {problem}")
+    return folder
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

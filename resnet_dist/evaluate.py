@@ -2,8 +2,9 @@
 `python -m resnet_dist.evaluate --checkpoint PATH [--out DIR] [KEY=VALUE ...]`.
 
 Runs alone or under torchrun / srun / accelerate: the same numbers for any world size (each rank takes an
-unpadded shard, one all-reduce, the count checked). The model is rebuilt from the checkpoint's own config;
-KEY=VALUE overrides (data.root, data.test_subset, data.eval_batch_size, ...) apply on top of it.
+unpadded shard, one all-reduce, the count checked). The model and its input pipeline are rebuilt from the
+checkpoint's own config; KEY=VALUE overrides choose only the test data and how fast it is read (data.root,
+data.mirror, data.test_subset, data.eval_batch_size, dist.timeout_s) and are listed in the JSON.
 Rank 0 prints overall and per-class accuracy and the confusion matrix, writes <checkpoint>.eval.json and
 <checkpoint>.confusion.png (next to the checkpoint, or in --out), and its last stdout line is one JSON object.
 """
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, cli, config, distributed
-from .data import CLASSES, DataError, eval_shard, load_split, normalize, prepare
+from .data import CLASSES, FILES, DataError, eval_shard, load_split, normalize, prepare
 from .distributed import DistEnv
 from .model import build_model, memory_format
 from .optim import autocast_for, resolve_precision
@@ -83,13 +84,14 @@ class Evaluator:
         assert count == len(labels), (
             f"evaluation counted {count} images, the split has {len(labels)}: shards overlap"
         )
-        per_class = conf.diag().double() / conf.sum(1).clamp(min=1).double()
+        right, seen = conf.diag().tolist(), conf.sum(1).tolist()
         result = {
             "test/loss": float(total[0]) / count,
             "test/acc": float(conf.diag().sum()) / count,
             "test/samples": count,
         }
-        result.update({f"test/acc/{k}": float(a) for k, a in zip(CLASS_KEYS, per_class)})
+        # a class without a test image (a small data.test_subset) has no accuracy: None (JSON null), not 0.0
+        result.update({f"test/acc/{k}": r / s if s else None for k, r, s in zip(CLASS_KEYS, right, seen)})
         result["confusion"] = conf.tolist()
         return result
 
@@ -124,13 +126,47 @@ def load_model(state: dict, cfg: config.Config, device: torch.device) -> nn.Modu
     return model.to(device, memory_format=memory_format(device, cfg.train.channels_last))
 
 
-def checkpoint_config(state: dict, overrides) -> config.Config:
-    """The training run's config (from the checkpoint), then the overrides: no launch checks (the batch
-    size of training need not divide this world size, its data.mirror need not exist here)."""
+# What evaluate and export take as KEY=VALUE: where the test data comes from, how much of it, how fast it
+# is read. The rest (the model, the input size, TTA, precision, ...) is the checkpoint's: anything else
+# would measure another model or another input pipeline than the run evaluated.
+OVERRIDABLE = ("data.root", "data.mirror", "data.test_subset", "data.eval_batch_size", "dist.timeout_s")
+
+
+def check_overrides(overrides, tool: str) -> dict:
+    """{key: text} of the overrides; ConfigError in one line for a key outside OVERRIDABLE."""
+    given = dict(config.parse_override(o) for o in overrides)
+    refused = next((k for k in given if k not in OVERRIDABLE), None)
+    if refused:
+        raise config.ConfigError(
+            f"override '{refused}': {tool} takes only {', '.join(OVERRIDABLE)} (the test data and how fast "
+            "it is read); the model, input pipeline, TTA and precision come from the checkpoint"
+        )
+    return given
+
+
+def checkpoint_config(state: dict, overrides, tool: str = "evaluate") -> config.Config:
+    """The training run's config (from the checkpoint), then the overrides, of OVERRIDABLE only: no launch
+    checks (the batch size of training need not divide this world size, its data.mirror need not exist
+    here)."""
+    check_overrides(overrides, tool)
     cfg = config.apply_overrides(config.from_dict(state["config"]), overrides)
     if cfg.data.mirror is not None and not Path(cfg.data.mirror).is_dir():
         cfg.data.mirror = None  # the training machine's mirror: fall back to Debian's copy or a download
     return cfg
+
+
+def check_data_root(root: str) -> None:
+    """Before any work: data.root holds the prepared test set, or is a folder it can be prepared in (made
+    when missing, as training does); else ConfigError in one line naming the key."""
+    raw = Path(root) / "FashionMNIST" / "raw"
+    if all((raw / name).is_file() for name in FILES):
+        return
+    problem = cli.folder_problem(raw.parent)
+    if problem:
+        raise config.ConfigError(
+            f"config key 'data.root' ({root}): {problem}; the test set is not prepared there and cannot be "
+            "(set data.root to the folder that holds FashionMNIST/raw, or to a writable one)"
+        )
 
 
 def report(result: dict, path: Path) -> str:
@@ -143,7 +179,8 @@ def report(result: dict, path: Path) -> str:
     ]
     keys = [k for k in result if k.startswith("test/acc/")]
     for i, (name, k, row) in enumerate(zip(CLASSES, keys, conf)):
-        lines.append(f"  {name:<12} {result[k]:.4f}  ({row[i]}/{sum(row)})")
+        acc = "no images" if result[k] is None else f"{result[k]:.4f}"
+        lines.append(f"  {name:<12} {acc}  ({row[i]}/{sum(row)})")
     lines.append("confusion matrix (rows: true class, columns: predicted):")
     width = max(5, len(str(max(map(max, conf)))) + 1)
     lines.append(" " * 13 + "".join(f"{i:>{width}}" for i in range(len(conf))))
@@ -152,25 +189,23 @@ def report(result: dict, path: Path) -> str:
     return "\n".join(lines)
 
 
+def output_files(path: Path, out: Path) -> tuple[Path, Path]:
+    """<checkpoint>.eval.json and <checkpoint>.confusion.png in `out`."""
+    return out / f"{path.stem}.eval.json", out / f"{path.stem}.confusion.png"
+
+
 def write_outputs(result: dict, summary: dict, path: Path, out: Path) -> None:
     """Rank 0: the report, <checkpoint>.eval.json, <checkpoint>.confusion.png, and the JSON line last."""
     out.mkdir(parents=True, exist_ok=True)
     print(report(result, path), flush=True)
-    json_path = out / f"{path.stem}.eval.json"
-    json_path.write_text(
-        json.dumps({**summary, "classes": list(CLASSES), "confusion": result["confusion"]}, indent=1) + "\n"
-    )
+    json_path, png_path = output_files(path, out)
+    text = json.dumps({**summary, "classes": list(CLASSES), "confusion": result["confusion"]}, indent=1)
+    checkpoint.atomic_write(json_path, lambda p: p.write_text(text + "\n"))
     written = [json_path]
     try:
         from .plots import plot_confusion
 
-        written.append(
-            plot_confusion(
-                result["confusion"],
-                out / f"{path.stem}.confusion.png",
-                f"{path.name}, step {summary['step']}",
-            )
-        )
+        written.append(plot_confusion(result["confusion"], png_path, f"{path.name}, step {summary['step']}"))
     except Exception as e:  # noqa: BLE001 - the numbers matter more than the picture
         print(f"warning: no confusion PNG ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
     print("wrote " + ", ".join(map(str, written)), flush=True)
@@ -185,14 +220,23 @@ def main(argv=None) -> int:
         "folder for the JSON and PNG (default: the checkpoint's folder)",
     )
     args = cli.parse(p, sys.argv[1:] if argv is None else argv)
-    path = Path(args.checkpoint)
+    path = cli.expand_path(args.checkpoint)
     if not path.is_file():
         cli.usage_error(f"no checkpoint file at {path}")
+    out = cli.out_folder(args.out or str(path.parent), "--out" if args.out else "the checkpoint's folder")
+    for f in output_files(path, out):
+        if f.is_dir():
+            cli.usage_error(
+                f"{f} is a folder: evaluate writes a file there (remove it, or choose another --out)"
+            )
     try:
+        given = check_overrides(args.overrides, "evaluate")  # before the checkpoint: cheaper
         state = checkpoint.load(path)  # weights_only: a crafted file cannot run code
         cfg = checkpoint_config(state, args.overrides)
+        check_data_root(cfg.data.root)
     except (checkpoint.CheckpointError, config.ConfigError) as e:
         cli.usage_error(str(e))
+    applied = {k: config.flat(cfg.to_dict())[k] for k in given}
 
     try:
         env = distributed.setup(cfg.dist.timeout_s, cfg.dist.backend)
@@ -211,8 +255,9 @@ def main(argv=None) -> int:
                 epoch=state["progress"]["epoch"],
                 world_size=env.world_size,
                 precision=evaluator.precision,
+                overrides=applied,  # their values as applied (a data.mirror missing here: null)
             )
-            write_outputs(result, summary, path, Path(args.out) if args.out else path.parent)
+            write_outputs(result, summary, path, out)
         return 0
     except DataError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

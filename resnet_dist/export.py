@@ -16,11 +16,13 @@ Writes into DIR (default: <run dir>/export for runs/NAME/checkpoints/X.pt, else 
   evaluated (its data.test_subset; data.test_subset=null for all 10,000 images: ~1 min on 2 CPU cores with
   the 7x7 stem at 28x28, several with the cifar stem or a larger data.resize): the largest absolute logit
   difference and the share of equal top-1 predictions are printed and stored in model.json; under 99.9%
-  agreement or over 1e-3 difference the export fails (exit 1, one line) and no model.onnx is left behind.
+  agreement or over 1e-3 difference the export fails (exit 1, one line) and DIR stays as it was.
 
 `--verify-only` checks an existing DIR/model.onnx against the checkpoint the same way and writes nothing.
-Overrides choose the verification data only: data.root, data.mirror, data.test_subset, data.eval_batch_size.
-Every file is written to a temporary name and renamed: a failed export never leaves half a file.
+Overrides choose the verification data only: the keys evaluate takes (evaluate.OVERRIDABLE), nothing else.
+The export is built in a fresh folder beside DIR, verified there and swapped in whole (exportdir.py): a failed
+or killed export leaves an earlier one in DIR as it was, and DIR is refused (exit 2, nothing written) when it
+holds files an export did not write.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, cli, config
+from . import checkpoint, cli, config, exportdir
 from .data import CLASSES, MEAN, STD, DataError, load_split, normalize, prepare
-from .evaluate import Evaluator, checkpoint_config, load_model
+from .evaluate import Evaluator, check_data_root, check_overrides, checkpoint_config, load_model
 from .model import build_model
 
 FORMATS = ("safetensors", "onnx")
@@ -45,7 +47,6 @@ ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")  # onnxscript: the dynamo e
 INSTALL_HINT = "pip install -e .[export]"
 MAX_DIFF, MIN_AGREEMENT = 1e-3, 0.999
 SOURCE_SIZE = 28  # Fashion-MNIST's images; a larger data.resize is bilinear up-sampling of these
-DATA_KEYS = ("data.root", "data.mirror", "data.test_subset", "data.eval_batch_size")
 CPU = torch.device("cpu")
 
 
@@ -93,18 +94,23 @@ def last_test(state: dict, ckpt: Path) -> dict | None:
     }
 
 
+def class_names(n: int) -> list[str]:
+    """One name per output: Fashion-MNIST's, then "class 10", ... for a model with more outputs."""
+    return list(CLASSES[:n]) + [f"class {i}" for i in range(len(CLASSES), n)]
+
+
 def model_card(state: dict, cfg: config.Config, ckpt: Path) -> dict:
     """model.json: everything a user of the weights needs, without this package."""
     size = cfg.data.resize or SOURCE_SIZE
     progress = state["progress"]
     return {
-        "format": "resnet_dist export 1",
+        "format": exportdir.FORMAT,
         "architecture": "ResNet-18 for 1-channel images (resnet_dist.model.build_model); the safetensors "
         "keys are its state_dict keys",
         "model": cfg.to_dict()["model"],
         "weights": "ema" if state.get("ema") else "model",
         "tta_flip": cfg.train.tta_flip,
-        "classes": list(CLASSES),
+        "classes": class_names(cfg.model.num_classes),
         "input": {
             "channels": 1,
             "size": size,
@@ -132,18 +138,29 @@ def model_card(state: dict, cfg: config.Config, ckpt: Path) -> dict:
 
 
 def read_card(folder: Path) -> dict:
+    """model.json of an export folder, checked for what the runners read: a model this package can build, an
+    input size, and one class name per output of that model."""
+    path = folder / "model.json"
     try:
-        card = json.loads((folder / "model.json").read_text())
-        config.from_dict({"model": card["model"]})  # a model this package can build
-        _ = card["input"]["size"], card["classes"], card["tta_flip"]  # what the runners read
+        card = json.loads(path.read_text())
+        outputs = config.from_dict(
+            {"model": card["model"]}
+        ).model.num_classes  # a model this package can build
+        _ = int(card["input"]["size"]), bool(card["tta_flip"])
+        classes = card["classes"]
     except FileNotFoundError:
         raise ExportError(
             f"{folder} has no model.json: not an export folder (python -m resnet_dist.export)"
         ) from None
     except (OSError, ValueError, KeyError, TypeError, config.ConfigError) as e:
+        raise ExportError(f"{path} is not a usable model card ({type(e).__name__}: {e})") from None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ExportError(f"{path} is not a usable model card: 'classes' is not a list of names")
+    if len(classes) != outputs:
         raise ExportError(
-            f"{folder / 'model.json'} is not a usable model card ({type(e).__name__}: {e})"
-        ) from None
+            f"{path} is not a usable model card: it names {len(classes)} classes, its model has {outputs} "
+            "outputs (model.num_classes)"
+        )
     return card
 
 
@@ -175,7 +192,7 @@ def load_exported(folder: Path) -> tuple[dict, nn.Module]:
 def load_checkpoint(path: Path, overrides=()) -> tuple[dict, config.Config, dict, nn.Module]:
     """(state, config, card, model in eval mode on CPU) of a checkpoint; CheckpointError or ConfigError."""
     state = checkpoint.load(path)  # weights_only: a crafted file cannot run code
-    cfg = checkpoint_config(state, overrides)
+    cfg = checkpoint_config(state, overrides, "export")
     return state, cfg, model_card(state, cfg, path), load_model(state, cfg, CPU).eval()
 
 
@@ -210,6 +227,14 @@ class OnnxRunner:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ExportError(f"{path}: onnxruntime cannot load it ({first})") from None
         self.runtime = f"onnxruntime {ort.__version__} CPUExecutionProvider"
+        (inp,), (out,) = self.session.get_inputs(), self.session.get_outputs()
+        n, size = len(card["classes"]), card["input"]["size"]
+        if isinstance(out.shape[-1], int) and out.shape[-1] != n:
+            raise ExportError(f"{path} has {out.shape[-1]} outputs, its model.json names {n} classes")
+        if isinstance(inp.shape[-1], int) and inp.shape[-1] != size:
+            raise ExportError(
+                f"{path} takes {inp.shape[-1]}x{inp.shape[-1]} images, its model.json says {size}"
+            )
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         x, b = normalize(images, self.size).numpy(), self.batch_size
@@ -317,32 +342,35 @@ def write_json(card: dict, out: Path) -> Path:
     return atomic_write(out / "model.json", lambda p: p.write_text(json.dumps(card, indent=1) + "\n"))
 
 
-def write_weights(state: dict, card: dict, out: Path, formats=("safetensors",)) -> list[Path]:
-    """model.safetensors (when asked) and model.json into `out`. The files of an earlier export that this
-    model.json does not describe are removed: its model.onnx (a new one is renamed in once verified) and, when
-    not asked for, its model.safetensors."""
+def write_safetensors(state: dict, out: Path) -> Path:
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    if "safetensors" in formats:
-        weights = {k: v.contiguous() for k, v in checkpoint.evaluated_weights(state).items()}
-        meta = {"format": "pt", "producer": "resnet_dist"}
-        written.append(
-            atomic_write(out / "model.safetensors", lambda p: save_file(weights, str(p), metadata=meta))
-        )
-    else:
-        (out / "model.safetensors").unlink(missing_ok=True)
-    (out / "model.onnx").unlink(missing_ok=True)
-    written.append(write_json(card, out))
-    return written
+    weights = {k: v.contiguous() for k, v in checkpoint.evaluated_weights(state).items()}
+    meta = {"format": "pt", "producer": "resnet_dist"}
+    return atomic_write(out / "model.safetensors", lambda p: save_file(weights, str(p), metadata=meta))
+
+
+def write_export(state: dict, card: dict, out: Path, formats, model=None, images=None) -> list[Path]:
+    """The export of `formats` into `out`, built beside it and swapped in whole (exportdir.replaced): its
+    files, model.onnx verified on `images` (ExportError when it fails), then model.json, which lists them.
+    A failure leaves an earlier export in `out` as it was. Returns the files, as they are in `out`."""
+    with exportdir.replaced(out) as new:
+        written = []
+        if "safetensors" in formats:
+            written.append(write_safetensors(state, new).name)
+        if "onnx" in formats:
+            card["onnx"] = export_onnx(model, card, new, images)
+            written.append("model.onnx")
+        card["files"] = [*written, "model.json"]
+        write_json(card, new)
+    return [out / name for name in card["files"]]
 
 
 def export_weights(ckpt: Path, out: Path) -> dict:
     """model.safetensors and model.json of a checkpoint (what training's W&B artifact holds); the card."""
     state = checkpoint.load(ckpt)
     card = model_card(state, checkpoint_config(state, ()), ckpt)
-    write_weights(state, card, out)
+    write_export(state, card, out, ("safetensors",))
     return card
 
 
@@ -383,51 +411,54 @@ def main(argv=None) -> int:
         help="check DIR/model.onnx against the checkpoint; write nothing",
     )
     args = cli.parse(p, sys.argv[1:] if argv is None else argv)
-    path = Path(args.checkpoint)
+    path = cli.expand_path(args.checkpoint)
     formats = parse_formats(args.format) if args.format else FORMATS
-    out = Path(args.out) if args.out else default_out(path)
     if not path.is_file():
         cli.usage_error(f"no checkpoint file at {path}")
-    for o in args.overrides:
-        if o.partition("=")[0].strip() not in DATA_KEYS:
-            cli.usage_error(
-                f"override {o!r}: export takes only {', '.join(DATA_KEYS)} (the verification data); the model, "
-                "input size and TTA come from the checkpoint"
-            )
+    out = (cli.expand_path(args.out) if args.out else default_out(path)).absolute()
+    what = "--out" if args.out else "the export folder"
     if args.verify_only and not (out / "model.onnx").is_file():
         cli.usage_error(f"--verify-only: no model.onnx in {out}")
-    try:
-        state, cfg, card, model = load_checkpoint(path, args.overrides)
-    except (checkpoint.CheckpointError, config.ConfigError) as e:
-        cli.usage_error(str(e))
-
+    if not args.verify_only:  # written into, and built beside it: both must take files
+        out = cli.out_folder(str(out), what)
+        cli.out_folder(str(out.parent), f"{what} {out}: its parent folder")
     wants_onnx = "onnx" in formats or args.verify_only
     missing = onnx_missing() if wants_onnx else []
-    if not args.verify_only:
-        written = write_weights(state, card, out, formats)
-        print("wrote " + ", ".join(map(str, written)), flush=True)
     if missing:
         msg = f"no ONNX export: {', '.join(missing)} not installed here ({INSTALL_HINT} installs them)"
-        if args.format or args.verify_only:  # asked for by name: a failure; by default: a warning
+        if args.format or args.verify_only:  # asked for by name: a failure, before anything is written
             cli.fail(msg)
-        print(f"warning: {msg}", file=sys.stderr, flush=True)
-        return 0
-    if not wants_onnx:
-        return 0
+        print(f"warning: {msg}", file=sys.stderr, flush=True)  # by default: a warning, and no model.onnx
+        formats, wants_onnx = ("safetensors",), False
     try:
-        images = verification_images(cfg)
+        check_overrides(args.overrides, "export")  # before the checkpoint: cheaper
+        if not args.verify_only:
+            exportdir.check_replaceable(Path(os.path.realpath(out)))
+        state, cfg, card, model = load_checkpoint(path, args.overrides)
+        if wants_onnx:  # the verification reads the test set
+            check_data_root(cfg.data.root)
+    except (checkpoint.CheckpointError, config.ConfigError, exportdir.ExportDirError) as e:
+        cli.usage_error(str(e))
+
+    try:
+        images = verification_images(cfg) if wants_onnx else None
         if args.verify_only:
             v = verify(TorchRunner(model, card), OnnxRunner(out / "model.onnx", card), images)
             if not v["passed"]:
                 cli.fail(f"{out / 'model.onnx'} does not compute what the checkpoint does {describe(v)}")
             print(f"verified {out / 'model.onnx'} {describe(v)}", flush=True)
             return 0
-        card["onnx"] = export_onnx(model, card, out, images)
-    except (DataError, ExportError) as e:
+        written = write_export(state, card, out, formats, model, images)
+    except (DataError, ExportError, exportdir.ExportDirError) as e:
         cli.fail(str(e))
-    write_json(card, out)
-    print(f"verified {out / 'model.onnx'} {describe(card['onnx']['verification'])}", flush=True)
-    print(f"wrote {out / 'model.onnx'} (opset {card['onnx']['opset']}), {out / 'model.json'}", flush=True)
+    except OSError as e:  # the folders themselves: a full disk, a mount point, ...
+        cli.fail(f"could not write the export into {out}: {e.strerror or e}; an earlier export there is kept")
+    if card["onnx"]:
+        print(
+            f"verified {out / 'model.onnx'} {describe(card['onnx']['verification'])} (opset {card['onnx']['opset']})",
+            flush=True,
+        )
+    print("wrote " + ", ".join(map(str, written)), flush=True)
     return 0
 
 

@@ -203,7 +203,8 @@ NOT_SCALARS = ("kind", "step")
 
 
 def scalars(record: dict) -> dict:
-    """{name: value} of a step or epoch record, for W&B and TensorBoard (metrics.jsonl keeps the record)."""
+    """{name: value} of a step or epoch record, for W&B and TensorBoard (metrics.jsonl keeps the record).
+    A value that is None (the accuracy of a class without test images) is left out: no chart point."""
     names = EPOCH_NAMES if record.get("kind") == "epoch" else {}
     out = {}
     for key, value in record.items():

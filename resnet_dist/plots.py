@@ -72,7 +72,10 @@ def confusion_figure(confusion: list[list[int]], title: str = "test confusion ma
                 j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > top / 2 else "black"
             )
     ax.set_xticks(range(n), names, rotation=45, ha="right")
-    ax.set_yticks(range(n), names)
+    # a true class without a test image (a small data.test_subset) has no accuracy: its row says so
+    ax.set_yticks(
+        range(n), [f"{name} (no images)" if not sum(confusion[i]) else name for i, name in enumerate(names)]
+    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     total = sum(map(sum, confusion))
@@ -118,17 +121,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from . import checkpoint
 
-    path = Path(args.checkpoint)
+    path = cli.expand_path(args.checkpoint)
     if not path.is_file():
-        print(f"error: no checkpoint file at {path}", file=sys.stderr)
-        return 2
+        cli.usage_error(f"no checkpoint file at {path}")
+    run_dir = path.resolve().parent.parent  # <run_dir>/checkpoints/<file>
+    out = cli.out_folder(args.out or str(run_dir), "--out" if args.out else "the run directory")
+    for f in (out / "curves.png", out / "confusion.png"):
+        if f.is_dir():
+            cli.usage_error(
+                f"{f} is a folder: plots writes a file there (remove it, or choose another --out)"
+            )
     try:
         state = checkpoint.load(path)
     except checkpoint.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    run_dir = path.resolve().parent.parent  # <run_dir>/checkpoints/<file>
-    written = write_run_plots(run_dir, state.get("history", []), Path(args.out) if args.out else None)
+        cli.usage_error(str(e))
+    written = write_run_plots(run_dir, state.get("history") or [], out)
     for w in written:
         print(f"wrote {w}")
     if not written:

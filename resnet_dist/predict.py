@@ -9,7 +9,8 @@ stderr and the others are still predicted; the exit status is then 1.
 
 How a picture becomes the model's input, as Fashion-MNIST made its images (light garment on black, 28x28):
 1. EXIF orientation applied; transparency flattened onto the background (black, or white with --invert);
-2. grayscale ("L": 0.299 R + 0.587 G + 0.114 B);
+2. grayscale ("L": 0.299 R + 0.587 G + 0.114 B); an image of more than 8 bits per pixel scaled by its bit
+   depth (16-bit: v / 257, rounded), not clipped;
 3. --invert for dark-on-light pictures (a product photo on white): 255 - x;
 4. unless already 28x28: scaled to fit 28x28 keeping its aspect ratio (Lanczos, antialiased when
    shrinking), centred on black;
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +51,36 @@ class ImageError(ValueError):
     """A file that cannot be read as an image."""
 
 
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # Pillow's gray modes of more than 8 bits
+
+
+def to_8bit(img):
+    """A gray image of more than 8 bits as 8-bit "L" (or "LA" with its transparency), scaled by its bit depth:
+    Pillow's convert("L") clips at 255, so a 16-bit picture would come out nearly white. 16-bit ("I;16*",
+    and "I", which is how Pillow opens 16-bit PNG and TIFF files): v / 257, rounded; floating point ("F"):
+    0..1 when no value exceeds 1, else 0..255. 16-bit colour PNGs Pillow itself reads as 8-bit per channel."""
+    from PIL import Image
+
+    v = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        scale = 255.0 if v.size and v.max() <= 1.0 else 1.0
+    else:
+        scale = 1 / 257
+    gray = Image.fromarray(np.clip(np.rint(v * scale), 0, 255).astype(np.uint8), "L")
+    key = img.info.get("transparency")  # a 16-bit gray PNG's transparent value (tRNS)
+    if isinstance(key, int):
+        alpha = Image.fromarray(np.where(v == key, 0, 255).astype(np.uint8), "L")
+        return Image.merge("LA", (gray, alpha))
+    return gray
+
+
 def to_input(img, invert: bool) -> np.ndarray:
     """A PIL image of any size and mode -> uint8 [28, 28], light on dark (steps 1-4 of the module doc)."""
     from PIL import Image, ImageOps
 
     img = ImageOps.exif_transpose(img)
+    if img.mode in WIDE_MODES:
+        img = to_8bit(img)
     if "A" in img.getbands() or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if invert else (0, 0, 0, 255))
@@ -71,23 +98,31 @@ def to_input(img, invert: bool) -> np.ndarray:
 
 
 def read_image(path: Path, invert: bool) -> torch.Tensor:
-    """uint8 [1, 28, 28]; ImageError in one line for a file that is not a whole PNG/JPEG/... image."""
+    """uint8 [1, 28, 28]; ImageError in one line for a file that is not a whole PNG/JPEG/... image. What
+    Pillow warns about while reading it (a very large image, corrupt EXIF data) becomes one line on stderr,
+    `warning: PATH: ...`, instead of Python's two-line warnings."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated file fails here, not later
-            return torch.from_numpy(to_input(img, invert).copy()).unsqueeze(0)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ImageError(f"{path}: not a readable image ({first})") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with Image.open(path) as img:
+                img.load()  # decode now: a truncated file fails here, not later
+                x = torch.from_numpy(to_input(img, invert).copy()).unsqueeze(0)
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ImageError(f"{path}: not a readable image ({first})") from None  # its one line
+    said = dict.fromkeys(" ".join(str(w.message).split())[:200] for w in caught)  # each once, in order
+    if said:
+        print(f"warning: {path}: {'; '.join(said)}", file=sys.stderr, flush=True)
+    return x
 
 
 def image_files(args: list[str]) -> tuple[list[Path], list[str]]:
     """The files to predict, in order (a folder: its image files, sorted), and one error per bad argument."""
     files, errors = [], []
     for a in args:
-        p = Path(a)
+        p = cli.expand_path(a)
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.suffix.lower() in SUFFIXES and f.is_file())
             if not found:
@@ -144,12 +179,13 @@ def main(argv=None) -> int:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="PNG/JPEG files or folders of them")
     p.add_argument("--invert", action="store_true", help="dark garment on a light background: invert first")
     p.add_argument("--onnx", action="store_true", help="run the export folder's model.onnx with onnxruntime")
-    p.add_argument("--top", type=int, default=3, metavar="K", help="how many classes per image (default 3)")
+    p.add_argument("--top", type=int, metavar="K", help="how many classes per image (default 3)")
     args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    card, runner = load_runner(Path(args.model), args.onnx)
+    card, runner = load_runner(cli.expand_path(args.model), args.onnx)
     classes = card["classes"]
-    if not 1 <= args.top <= len(classes):
-        cli.usage_error(f"--top must be between 1 and {len(classes)}, got {args.top}")
+    top = min(3, len(classes)) if args.top is None else args.top
+    if not 1 <= top <= len(classes):
+        cli.usage_error(f"--top must be between 1 and {len(classes)} (the model's classes), got {top}")
 
     files, errors = image_files(args.images)
     for e in errors:
@@ -166,8 +202,8 @@ def main(argv=None) -> int:
                 failed += 1
         if not images:
             continue
-        for path, top in zip(read, top_k(runner.logits(torch.stack(images)), classes, args.top)):
-            print(json.dumps({"path": str(path), "top": top}), flush=True)
+        for path, best in zip(read, top_k(runner.logits(torch.stack(images)), classes, top)):
+            print(json.dumps({"path": str(path), "top": best}), flush=True)
     return 1 if failed else 0
 
 

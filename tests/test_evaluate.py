@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from resnet_dist import evaluate
 from resnet_dist.config import ModelConfig, load
 from resnet_dist.data import load_split
 from resnet_dist.evaluate import CLASS_KEYS, Evaluator
@@ -62,7 +63,41 @@ def test_overrides_apply(trained, data_root):
         ]
     )
     assert proc.returncode == 0, proc.stderr
-    assert last_json(proc.stdout)["test/samples"] == 300
+    result = last_json(proc.stdout)
+    assert result["test/samples"] == 300
+    # what the command changed, as applied, is part of the result
+    assert result["overrides"] == {
+        "data.root": str(data_root),
+        "data.test_subset": 300,
+        "data.eval_batch_size": 64,
+    }
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.resize=96",
+        "model.stem=cifar",
+        "model.num_classes=12",
+        "train.tta_flip=true",
+        "train.precision=bf16",
+    ],
+)
+def test_overrides_that_change_what_is_evaluated_are_refused(trained, tmp_path, override, capsys):
+    """Only the test data and how fast it is read may change: the model, the input size, TTA and precision
+    are the checkpoint's (the same rule as export's)."""
+    from resnet_dist import export
+
+    ckpt = str(trained / "checkpoints" / "last.pt")
+    for main, tool in ((evaluate.main, "evaluate"), (export.main, "export")):
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", ckpt, "--out", str(tmp_path), override])
+        captured = capsys.readouterr()
+        (line,) = captured.err.strip().splitlines()
+        key = override.partition("=")[0]
+        assert e.value.code == 2 and line.startswith(f"error: override '{key}': {tool} takes only data.root")
+        assert not captured.out
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -128,4 +163,141 @@ def test_predict_normalizes_and_averages_the_mirror_with_flip_tta():
     cfg.train.tta_flip = True
     assert torch.allclose(
         Evaluator.from_config(cfg, torch.device("cpu")).predict(model, images), (plain + mirrored) / 2
+    )
+
+
+def test_out_that_cannot_be_a_folder_exits_2_before_evaluating(trained, data_root, tmp_path, capsys):
+    """--out naming a file, a folder inside a file, /proc, or the result's own name taken by a folder: one
+    line, exit 2, nothing evaluated or written (the line comes before any evaluation output)."""
+    ckpt = trained / "checkpoints" / "last.pt"
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("the user's file\n")
+    (tmp_path / "taken" / "last.eval.json").mkdir(parents=True)
+    for out, words in [
+        (a_file, f"--out {a_file}: {a_file} is a file, not a folder"),
+        (a_file / "sub", f"{a_file} is a file, not a folder"),
+        ("/proc/resnet_dist_eval", "cannot write in /proc"),
+        (tmp_path / "taken", "last.eval.json is a folder"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--checkpoint", str(ckpt), "--out", str(out), f"data.root={data_root}"])
+        captured = capsys.readouterr()
+        (line,) = captured.err.strip().splitlines()
+        assert e.value.code == 2 and line.startswith("error: ") and words in line, line
+        assert captured.out == ""  # before evaluating: no report
+    assert a_file.read_text() == "the user's file\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["last.eval.json", "results.txt", "taken"]
+
+
+def test_unusable_data_root_exits_2_naming_it_before_evaluating(trained, tmp_path, capsys):
+    """A data.root that is a file, lies inside one, or cannot be made (and the test set is not prepared
+    there): one line naming data.root, exit 2, nothing evaluated or written; export's verification alike."""
+    from resnet_dist import export
+
+    a_file = tmp_path / "data.txt"
+    a_file.write_text("not a folder\n")
+    ckpt = str(trained / "checkpoints" / "last.pt")
+    out = tmp_path / "out"
+    for root, words in [
+        (a_file, f"{a_file} is a file, not a folder"),
+        (a_file / "sub", f"{a_file} is a file, not a folder"),
+        ("/proc/resnet_dist_data", "cannot write in /proc"),
+    ]:
+        for main in (evaluate.main, export.main):
+            with pytest.raises(SystemExit) as e:
+                main(["--checkpoint", ckpt, "--out", str(out), f"data.root={root}", "data.test_subset=10"])
+            captured = capsys.readouterr()
+            (line,) = captured.err.strip().splitlines()
+            assert e.value.code == 2 and line.startswith(f"error: config key 'data.root' ({root}): ")
+            assert words in line and not captured.out, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity (not JSON): a null must stay null."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+
+# the first 5 test images are of classes 9, 2, 1, 1, 6: the other six classes have no image
+PRESENT = ("ankle_boot", "pullover", "trouser", "shirt")
+
+
+def test_a_class_without_test_images_has_null_accuracy(trained, data_root, tmp_path, capsys):
+    ckpt = str(trained / "checkpoints" / "last.pt")
+    args = ["--checkpoint", ckpt, "--out", str(tmp_path), f"data.root={data_root}", "data.test_subset=5"]
+    assert evaluate.main(args) == 0
+    out = capsys.readouterr().out
+    result = strict_json(out.strip().splitlines()[-1])
+    saved = strict_json((tmp_path / "last.eval.json").read_text())
+    for key in CLASS_KEYS:
+        if key in PRESENT:
+            assert isinstance(result[f"test/acc/{key}"], float), key
+        else:
+            assert result[f"test/acc/{key}"] is None and saved[f"test/acc/{key}"] is None, key
+    assert "  Coat         no images  (0/0)" in out.splitlines()
+
+
+def test_null_accuracies_through_every_logger(data_root, tmp_path, capsys):
+    """A real (tiny) training run evaluating 5 test images: metrics.jsonl holds null for the six classes
+    without an image, the console line and the plots work (the confusion matrix says "no images"), and
+    W&B and TensorBoard get no point for those keys (a chart cannot show "no value")."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from resnet_dist import plots
+    from resnet_dist.data import load_splits
+    from resnet_dist.distributed import DistEnv
+    from resnet_dist.metrics import ConsoleLogger, JsonlLogger, MultiLogger
+    from resnet_dist.tensorboard_logger import TensorBoardLogger
+    from resnet_dist.trainer import Trainer
+    from resnet_dist.wandb_logger import WandbLogger
+
+    class WandbRun:  # what WandbLogger sends to a W&B run, recorded
+        id, dir, logged = "abc", str(tmp_path / "wandb" / "run"), []
+
+        def log(self, data, step):
+            self.logged.append(data)
+
+    cfg = load(
+        None,
+        [f"data.root={data_root}", "data.train_subset=16", "data.test_subset=5", "data.resize=8"]
+        + ["train.batch_size=8", "train.epochs=1", "log.every_steps=1"],
+        world_size=1,
+    )
+    env = DistEnv(
+        rank=0, local_rank=0, world_size=1, launcher="none", device=torch.device("cpu"), backend=None
+    )
+    wb = WandbRun()
+    tb = TensorBoardLogger(SummaryWriter(str(tmp_path / "tb")))
+    logger = MultiLogger(ConsoleLogger(), JsonlLogger(tmp_path / "metrics.jsonl"), tb, WandbLogger(wb, True))
+    trainer = Trainer(cfg, env, load_splits(cfg.data, env.device), tmp_path, logger)
+    trainer.fit()
+    logger.close()
+
+    (record,) = [
+        r
+        for r in map(strict_json, (tmp_path / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "epoch"
+    ]
+    absent = [k for k in CLASS_KEYS if k not in PRESENT]
+    assert all(record[f"test/acc/{k}"] is None for k in absent) and all(
+        isinstance(record[f"test/acc/{k}"], float) for k in PRESENT
+    )
+    assert "(5 images)" in capsys.readouterr().out  # the console's epoch line
+    epoch_logged = wb.logged[-1]
+    assert "test/acc" in epoch_logged and not any(f"test/acc/{k}" in epoch_logged for k in absent)
+    assert all(f"test/acc/{k}" in epoch_logged for k in PRESENT)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "test/acc" in tags and not any(f"test/acc/{k}" in tags for k in absent)
+
+    written = plots.write_run_plots(tmp_path, trainer.history)
+    assert [p.name for p in written] == ["curves.png", "confusion.png"]
+    fig = plots.confusion_figure(trainer.history[-1]["confusion"])
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert (
+        labels[4] == "Coat (no images)"
+        and labels[9] == "Ankle boot"
+        and sum("no images" in t for t in labels) == 6
     )

@@ -324,7 +324,27 @@ def test_predict_usage_errors_exit_2_with_one_line(trained, exported, pngs, tmp_
     onnx_only = tmp_path / "onnx_only"
     onnx_only.mkdir()
     shutil.copy(out / "model.json", onnx_only)
+    card = json.loads((out / "model.json").read_text())
+    edited = {  # model.json edited by hand, beside the real weights
+        "short": {**card, "classes": card["classes"][:9]},
+        "one": {**card, "classes": ["Sneaker"]},  # no --top: once "--top must be between 1 and 1"
+        "nine": {**card, "classes": card["classes"][:9], "model": {**card["model"], "num_classes": 9}},
+    }
+    for name, c in edited.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.json").write_text(json.dumps(c))
+        for f in ("model.onnx", "model.safetensors"):
+            (tmp_path / name / f).symlink_to(out / f)
+    short_json, nine = tmp_path / "short" / "model.json", tmp_path / "nine"
     for args, words in [
+        (
+            ["--model", str(tmp_path / "short"), "--onnx", str(folder)],
+            f"{short_json} is not a usable model card",
+        ),
+        (["--model", str(tmp_path / "short"), str(folder)], "it names 9 classes, its model has 10 outputs"),
+        (["--model", str(tmp_path / "one"), str(folder)], "it names 1 classes, its model has 10 outputs"),
+        (["--model", str(nine), "--onnx", str(folder)], "has 10 outputs, its model.json names 9 classes"),
+        (["--model", str(nine), str(folder)], "cannot load these weights"),
         (["--model", str(tmp_path / "none"), str(folder)], "no model at"),
         (["--model", str(folder), str(folder)], "has no model.json"),
         (["--model", str(onnx_only), str(folder)], "has no model.safetensors"),
@@ -382,3 +402,311 @@ def test_wandb_model_artifact_offline(data_root, tmp_path):
         assert entry["size"] == (exp / name).stat().st_size and entry["digest"] == md5_b64(exp / name)
         assert md5_b64(Path(entry["local_path"])) == entry["digest"]  # the staged copy `wandb sync` sends
     assert f"wandb: logged the model artifact model-{wb.id}" in proc.stdout and wb.exit_code == 0
+
+
+def test_out_that_is_a_file_exits_2_and_the_file_stays(trained, tmp_path, capsys):
+    from resnet_dist import plots
+
+    a_file = tmp_path / "model.txt"
+    a_file.write_text("the user's notes\n")
+    ckpt = str(ckpt_of(trained))
+    for main, args in [
+        (export.main, ["--checkpoint", ckpt, "--out", str(a_file)]),
+        (export.main, ["--checkpoint", ckpt, "--out", str(a_file / "export"), "--format", "safetensors"]),
+        (plots.main, ["--checkpoint", ckpt, "--out", str(a_file)]),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        captured = capsys.readouterr()
+        (line,) = captured.err.strip().splitlines()
+        assert e.value.code == 2 and f"{a_file} is a file, not a folder" in line and not captured.out, line
+    assert [p.name for p in tmp_path.iterdir()] == [
+        "model.txt"
+    ] and a_file.read_text() == "the user's notes\n"
+
+
+def test_tilde_in_command_line_paths_is_the_home_folder(trained, data_root, tmp_path, monkeypatch, capsys):
+    """`--out=~/x` and quoted paths reach the program with the `~` (no shell expands them): every path of the
+    model tools expands it, and what they print is the absolute path."""
+    from PIL import Image
+
+    from resnet_dist import evaluate, plots
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    (home / "ck.pt").symlink_to(ckpt_of(trained))
+    image = load_split(prepare(str(data_root)), "test", 1)[0][0, 0].numpy()
+    Image.fromarray(image).save(home / "img.png")
+
+    assert export.main(["--checkpoint=~/ck.pt", "--out=~/exp", "--format", "safetensors"]) == 0
+    assert f"wrote {home / 'exp' / 'model.safetensors'}" in capsys.readouterr().out
+    assert predict.main(["--model=~/exp", "~/img.png"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(home / "img.png")
+    assert plots.main(["--checkpoint=~/ck.pt", "--out=~/plots"]) == 0
+    assert f"wrote {home / 'plots' / 'curves.png'}" in capsys.readouterr().out
+    args = ["--checkpoint=~/ck.pt", "--out=~/ev", f"data.root={data_root}", "data.test_subset=20"]
+    assert evaluate.main(args) == 0
+    assert f"wrote {home / 'ev' / 'ck.eval.json'}" in capsys.readouterr().out
+    assert not any(cwd.iterdir())  # no literal '~' folder
+
+
+def png16(path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG (gray [H, W] or RGB [H, W, 3] uint16), written by hand: Pillow writes no 16-bit colour."""
+    import struct
+    import zlib
+
+    h, w = pixels.shape[:2]
+    kind = 0 if pixels.ndim == 2 else 2
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, kind, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_every_image_mode_predicts_as_its_8_bit_original(trained, data_root, tmp_path, capsys):
+    """Real test images saved as 16-bit gray and RGB, 32-bit int and float, palette, gray + alpha, RGBA, CMYK
+    and 1-bit files: each becomes the same model input as its 8-bit original (1-bit: as the thresholded
+    original), so the same probabilities. A 16-bit picture is scaled by its depth, not clipped to white."""
+    from PIL import Image
+
+    images = load_split(prepare(str(data_root)), "test", 6)[0][:, 0].numpy()
+    ramp = [v for i in range(256) for v in (i, i, i)]
+    folders = {name: tmp_path / name for name in ("orig", "binary_orig", "modes", "binary")}
+    for f in folders.values():
+        f.mkdir()
+    for i, g in enumerate(images):
+        Image.fromarray(g).save(folders["orig"] / f"{i}.png")
+        g16 = g.astype(np.uint16) * 257
+        variants = {
+            "gray16.png": Image.fromarray(g16),  # mode I;16
+            "int32.tif": Image.fromarray(g16.astype(np.int32)),  # mode I
+            "float.tif": Image.fromarray(g.astype(np.float32) / 255),  # mode F, 0..1
+            "rgb.png": Image.fromarray(np.stack([g] * 3, -1)),
+            "la.png": Image.fromarray(np.stack([g, np.full_like(g, 255)], -1), "LA"),
+            "rgba.png": Image.fromarray(np.stack([g] * 3 + [np.full_like(g, 255)], -1)),
+            "cmyk.tif": Image.fromarray(g).convert("CMYK"),
+        }
+        palette = Image.frombytes("P", g.shape[::-1], g.tobytes())
+        palette.putpalette(ramp)
+        variants["palette.png"] = palette
+        for name, img in variants.items():
+            img.save(folders["modes"] / f"{i}-{name}")
+        png16(folders["modes"] / f"{i}-rgb16.png", np.stack([g16, g16, g16], -1))
+        binary = np.where(g > 127, 255, 0).astype(np.uint8)
+        Image.fromarray(binary).save(folders["binary_orig"] / f"{i}.png")
+        Image.fromarray(binary).convert("1").save(folders["binary"] / f"{i}.png")
+    for name, want in [("gray16.png", "I;16"), ("int32.tif", "I"), ("float.tif", "F"), ("palette.png", "P")]:
+        with Image.open(folders["modes"] / f"0-{name}") as img:
+            assert img.mode == want, (name, img.mode)
+
+    def probs(folder) -> dict:
+        files = sorted(map(str, folder.iterdir()))  # as files: a folder argument takes PNG and JPEG only
+        assert predict.main(["--model", str(ckpt_of(trained)), "--top", "10", *files]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+        return {Path(r["path"]).name: {t["index"]: t["prob"] for t in r["top"]} for r in lines}
+
+    orig, modes = probs(folders["orig"]), probs(folders["modes"])
+    assert len(modes) == 6 * 9
+    for name, p in modes.items():
+        want = orig[name.split("-")[0] + ".png"]
+        assert max(abs(p[c] - want[c]) for c in want) < 1e-6, name
+    binary_orig = probs(folders["binary_orig"])
+    for name, p in probs(folders["binary"]).items():
+        assert max(abs(p[c] - binary_orig[name][c]) for c in p) < 1e-6, name
+    # the inputs themselves are equal, pixel for pixel
+    for name in ("gray16.png", "rgb16.png", "int32.tif", "float.tif", "cmyk.tif", "palette.png"):
+        a = predict.read_image(folders["modes"] / f"3-{name}", invert=False)
+        assert torch.equal(a, torch.from_numpy(images[3]).unsqueeze(0)), name
+
+
+PILLOW_LIMIT = """
+import runpy, sys
+from PIL import Image
+Image.MAX_IMAGE_PIXELS = 2000  # a 50x50 image is then a possible decompression bomb: a warning, not an error
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def corrupt_exif() -> bytes:
+    """An EXIF block whose directory claims 3 entries and holds 1: Pillow warns "Corrupt EXIF data"."""
+    import struct
+
+    entry = struct.pack(">HHI4s", 0x010E, 2, 2, b"A\x00\x00\x00")  # ImageDescription "A"
+    return b"Exif\x00\x00MM\x00\x2a" + struct.pack(">IH", 8, 3) + entry + struct.pack(">I", 0)
+
+
+def test_pillow_warnings_are_one_line_per_image(trained, data_root, tmp_path):
+    from PIL import Image
+
+    g = load_split(prepare(str(data_root)), "test", 1)[0][0, 0].numpy()
+    Image.fromarray(g).resize((50, 50)).save(tmp_path / "a_big.png")
+    Image.fromarray(g).save(tmp_path / "b_exif.jpg", exif=corrupt_exif())
+    Image.fromarray(g).save(tmp_path / "c_exif.png", exif=corrupt_exif())
+    Image.fromarray(g).save(tmp_path / "d_plain.png")
+    proc = run(
+        [PY, "-c", PILLOW_LIMIT, "resnet_dist.predict", "--model", str(ckpt_of(trained)), str(tmp_path)]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 4  # every image predicted
+    assert proc.stderr.strip().splitlines() == [
+        f"warning: {tmp_path / 'a_big.png'}: Image size (2500 pixels) exceeds limit of 2000 pixels, could be "
+        "decompression bomb DOS attack.",
+        f"warning: {tmp_path / 'b_exif.jpg'}: Corrupt EXIF data. Expecting to read 12 bytes but only got 4.",
+        f"warning: {tmp_path / 'c_exif.png'}: Corrupt EXIF data. Expecting to read 12 bytes but only got 4.",
+    ]
+
+
+def test_the_card_names_one_class_per_output():
+    assert export.class_names(10) == list(CLASSES)
+    assert export.class_names(12) == [*CLASSES, "class 10", "class 11"] and export.class_names(3) == list(
+        CLASSES[:3]
+    )
+
+
+def listing(folder: Path) -> dict:
+    """{name: bytes} of a folder's files."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_export_never_replaces_files_it_did_not_write(trained, tmp_path, capsys):
+    """A folder holding the user's model.onnx and model.json, or an export of ours plus a file of the user's,
+    is refused (exit 2, one line) and left byte for byte; an earlier export of ours alone is replaced whole."""
+    ckpt = str(ckpt_of(trained))
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "model.onnx").write_bytes(b"the user's own ONNX model")
+    (users / "model.json").write_text('{"labels": ["cat", "dog"]}\n')
+    ours = tmp_path / "ours"
+    assert export.main(["--checkpoint", ckpt, "--out", str(ours), "--format", "safetensors"]) == 0
+    card = json.loads((ours / "model.json").read_text())
+    assert card["files"] == ["model.safetensors", "model.json"]
+    with_notes = tmp_path / "with_notes"
+    shutil.copytree(ours, with_notes)
+    (with_notes / "notes.txt").write_text("mine\n")
+    stray = tmp_path / "stray_onnx"  # an export without ONNX, and a model.onnx it did not write
+    shutil.copytree(ours, stray)
+    (stray / "model.onnx").write_bytes(b"not from this export")
+    capsys.readouterr()
+    for folder, names in [
+        (users, "no model.json of an export (model.json, model.onnx)"),
+        (with_notes, "files its export did not write (notes.txt)"),
+        (stray, "files its export did not write (model.onnx)"),
+    ]:
+        before = listing(folder)
+        for formats in ("safetensors", "safetensors,onnx"):
+            with pytest.raises(SystemExit) as e:
+                export.main(["--checkpoint", ckpt, "--out", str(folder), "--format", formats])
+            captured = capsys.readouterr()
+            (line,) = captured.err.strip().splitlines()
+            assert (
+                e.value.code == 2
+                and line
+                == f"error: {folder} holds {names}: an export replaces its folder "
+                + (
+                    "whole, so it writes only into a new or empty folder or over an earlier export; move those files "
+                    "or choose another --out"
+                )
+            )
+            assert listing(folder) == before and not captured.out
+
+    # an export of ours alone: replaced whole, nothing left beside it
+    (ours / "model.json").write_text(json.dumps({**card, "last_test": "edited"}))
+    assert export.main(["--checkpoint", ckpt, "--out", str(ours), "--format", "safetensors"]) == 0
+    assert json.loads((ours / "model.json").read_text()) == card
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "stray_onnx", "users", "with_notes"]
+
+
+def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path):
+    from resnet_dist import exportdir
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "model.json").write_text(json.dumps({"format": exportdir.FORMAT, "files": ["model.json"]}))
+    before = listing(out)
+    with pytest.raises(RuntimeError, match="verification failed"):
+        with exportdir.replaced(out) as new:
+            (new / "model.json").write_text("half an export")
+            raise RuntimeError("verification failed")
+    assert listing(out) == before and [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_export_set_aside_by_a_killed_swap_is_put_back(tmp_path):
+    """A kill between the swap's two renames leaves the previous export aside and no folder in its place: the
+    next export puts it back first (then replaces it, or leaves it there if it fails)."""
+    import socket
+
+    from resnet_dist import exportdir
+
+    out = tmp_path / "export"
+    aside = tmp_path / f".export.old-{socket.gethostname()}-{dead_pid()}"
+    unfinished = tmp_path / f".export.export-{socket.gethostname()}-{dead_pid()}"
+    aside.mkdir(), unfinished.mkdir()
+    (aside / "model.json").write_text("the previous export")
+    (unfinished / "model.safetensors").write_text("half of the new one")
+    said = exportdir.clean_stale(out)
+    assert len(said) == 2 and "put back the previous export" in said[0] and "unfinished" in said[1]
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert (out / "model.json").read_text() == "the previous export"
+
+
+def test_sigkill_during_the_onnx_verification_keeps_the_previous_export(trained, exported, tmp_path, capsys):
+    """A real export killed (SIGKILL) while it verifies its new model.onnx: the previous export, model.onnx
+    included, is untouched and loads; the next export removes the killed one's folder."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import onnxruntime as ort
+
+    from .helpers import REPO, clean_env
+
+    previous, _ = exported
+    out = tmp_path / "export"
+    shutil.copytree(previous, out)
+    before = listing(out)
+    args = ["--checkpoint", str(ckpt_of(trained)), "--out", str(out)]
+    proc = subprocess.Popen(
+        [PY, "-m", "resnet_dist.export", *args, "data.test_subset=3000"],  # a long verification to land in
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    staging = tmp_path / f".export.export-{os.uname().nodename}-{proc.pid}"
+    deadline, sizes = time.time() + 240, []
+    while len(sizes) < 3 or sizes[-1] != sizes[-3] or sizes[-1] < 40e6:  # the new model.onnx, complete
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        sizes.append(sum(p.stat().st_size for p in staging.glob("*model.onnx")) if staging.is_dir() else 0)
+        time.sleep(0.1)
+    time.sleep(0.5)  # into the verification
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert staging.is_dir()  # killed before the swap
+    assert listing(out) == before
+    ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])  # loads
+
+    assert export.main([*args, "--format", "safetensors"]) == 0
+    said = capsys.readouterr().out
+    assert f"note: removed {staging} (the unfinished folder of an export that was killed)" in said
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
