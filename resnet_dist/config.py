@@ -122,6 +122,12 @@ class TrainConfig:
     )
     channels_last: bool = knob(True, "channels_last memory format (CUDA only)")
     compile: bool = knob(False, "torch.compile the model (CUDA: ~1.2x after a one-off warm-up)")
+    cuda_graphs: str = knob(
+        "auto",
+        "capture the training step and the evaluation as CUDA graphs: auto (on one GPU in bf16/fp32, eager "
+        "elsewhere), on (also under DDP on 2+ GPUs: unverified), off",
+        choices=("auto", "on", "off"),
+    )
     ema_decay: float = checked(
         0.0, "evaluate an exponential moving average of the weights with this decay (0 = off)", fraction
     )
@@ -141,14 +147,6 @@ class DistConfig:
     )
     bucket_mb: int = checked(
         25, "DDP gradient bucket size in MiB (ResNet-18 has ~45 MB of fp32 gradients)", positive
-    )
-    debug_delay: str = checked(
-        "",
-        "RANK:SECONDS: that rank sleeps this long before each forward pass, a simulated straggler (testing)",
-        (
-            lambda v: v == "" or re.fullmatch(r"\d+:\d+(\.\d*)?", v) is not None,
-            "must be RANK:SECONDS or empty",
-        ),
     )
     grad_compression: str = knob(
         "none", "DDP communication hook: none, or bf16 (halves all-reduce bytes)", choices=("none", "bf16")

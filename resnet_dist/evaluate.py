@@ -55,29 +55,40 @@ class Evaluator:
         )
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """Float logits of a batch of uint8 images (model in eval mode): normalize, resize, optional flip TTA."""
+    def predict(self, model: nn.Module, images: torch.Tensor, cache: bool = True) -> torch.Tensor:
+        """Float logits of a batch of uint8 images (model in eval mode): normalize, resize, optional flip TTA.
+        `cache=False`: autocast without its cast cache (inside a CUDA graph capture)."""
         x = normalize(images, self.resize).contiguous(memory_format=self.memory_format)
-        with autocast_for(self.precision, self.device):
+        with autocast_for(self.precision, self.device, cache):
             out = model(x).float()
             if self.tta_flip:  # average the logits of the image and its mirror
                 out = (out + model(x.flip(-1)).float()) / 2
         return out
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, env: DistEnv) -> dict:
-        """Exact test metrics: each rank takes an unpadded shard; (loss sum, confusion matrix) is all-reduced once."""
-        was_training, n = model.training, self.num_classes
-        model.eval()
-        shard = eval_shard(len(labels), env.rank, env.world_size)
-        loss_sum = torch.zeros(1, dtype=torch.float64, device=images.device)
-        confusion = torch.zeros(n * n, dtype=torch.float64, device=images.device)
+    def sums(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, shard: slice
+    ) -> torch.Tensor:
+        """[loss sum, confusion matrix (n x n, flattened)] of a shard, float64 on the device, batch by batch."""
+        n = self.num_classes
+        out_sums = torch.zeros(1 + n * n, dtype=torch.float64, device=images.device)
         for i in range(shard.start, shard.stop, self.batch_size):
             j = min(i + self.batch_size, shard.stop)
             out, y = self.predict(model, images[i:j]), labels[i:j]
-            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
-            confusion += torch.bincount(y * n + out.argmax(1), minlength=n**2).double()
-        total = distributed.all_reduce_sum(torch.cat([loss_sum, confusion])).cpu()
+            out_sums[0] += F.cross_entropy(out, y, reduction="sum").double()
+            out_sums[1:] += torch.bincount(y * n + out.argmax(1), minlength=n**2).double()
+        return out_sums
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, env: DistEnv, graphed=None
+    ) -> dict:
+        """Exact test metrics: each rank takes an unpadded shard; (loss sum, confusion matrix) is all-reduced
+        once. `graphed`: a GraphedEvaluation of this model, which replays instead of launching each batch."""
+        was_training, n = model.training, self.num_classes
+        model.eval()
+        shard = eval_shard(len(labels), env.rank, env.world_size)
+        local = graphed.sums(images, labels, shard) if graphed else self.sums(model, images, labels, shard)
+        total = distributed.all_reduce_sum(local).cpu()
         model.train(was_training)
         conf = total[1:].view(n, n).round().long()  # rows: true class, columns: predicted
         count = int(conf.sum())
@@ -117,6 +128,61 @@ class Evaluator:
         return [
             (x[i].reshape(x.shape[-2], x.shape[-1]).cpu().numpy(), int(y[i]), int(pred[i])) for i in wrong
         ]
+
+
+class GraphedEvaluation:
+    """The evaluation of one model as a CUDA graph: one static batch of `eval_batch_size` uint8 images, replayed
+    batch after batch. The last, partial batch is padded with the previous batch's rows and masked (a 0/1
+    weight per row), so one graph serves every batch and the counts stay exact; the confusion matrix is a
+    product of one-hot matrices (no bincount: its output size is read on the host). Its weights are the
+    model's own tensors, which training updates in place."""
+
+    def __init__(self, evaluator: Evaluator, model: nn.Module, image_shape, graphs, stream):
+        self.ev, self.model, self.graphs, self.stream = evaluator, model, graphs, stream
+        b, n, dev = evaluator.batch_size, evaluator.num_classes, evaluator.device
+        self.images = torch.zeros(b, *image_shape, dtype=torch.uint8, device=dev)
+        self.labels = torch.zeros(b, dtype=torch.long, device=dev)
+        self.mask = torch.zeros(b, dtype=torch.float64, device=dev)
+        self.out_sums = torch.zeros(1 + n * n, dtype=torch.float64, device=dev)
+        self.graph = None
+
+    @torch.no_grad()
+    def body(self) -> None:
+        b, n, dev = self.ev.batch_size, self.ev.num_classes, self.ev.device
+        out = self.ev.predict(self.model, self.images, cache=False)
+        loss = (F.cross_entropy(out, self.labels, reduction="none").double() * self.mask).sum()
+        true = torch.zeros(b, n, dtype=torch.float64, device=dev).scatter_(1, self.labels[:, None], 1.0)
+        pred = torch.zeros(b, n, dtype=torch.float64, device=dev).scatter_(
+            1, out.argmax(1, keepdim=True), 1.0
+        )
+        self.out_sums += torch.cat([loss[None], ((true * self.mask[:, None]).T @ pred).flatten()])
+
+    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Warm up on the first test batch (cuDNN's search for these shapes), then record the graph."""
+        was_training = self.model.training
+        self.model.eval()
+        k = min(len(labels), self.ev.batch_size)
+        self.images[:k].copy_(images[:k])
+        self.labels[:k].copy_(labels[:k])
+        with self.graphs.on(self.stream):
+            for _ in range(2):
+                self.body()
+        self.graphs.join(self.stream)
+        self.graph = self.graphs.capture(self.body, self.stream)
+        self.model.train(was_training)
+
+    def sums(self, images: torch.Tensor, labels: torch.Tensor, shard: slice) -> torch.Tensor:
+        b = self.ev.batch_size
+        self.out_sums.zero_()
+        for i in range(shard.start, shard.stop, b):
+            k = min(b, shard.stop - i)
+            self.images[:k].copy_(images[i : i + k])
+            self.labels[:k].copy_(labels[i : i + k])
+            self.mask.fill_(1.0)
+            if k < b:
+                self.mask[k:].zero_()
+            self.graph.replay()
+        return self.out_sums.clone()
 
 
 def load_model(state: dict, cfg: config.Config, device: torch.device) -> nn.Module:

@@ -56,13 +56,23 @@ class TrainMeter:
         """This rank worked alone from `start` (a device_clock mark) until now."""
         self.busy.append((start, self.device_clock.mark()))
 
-    def count_step(self, trained: bool = True) -> None:
-        """One step (all its micro-batches added): images/s counts it; its loss counts if the optimizer took it."""
-        if trained:
-            self.sums += self.step_sums
-            self.trained += 1
+    def fold(self) -> None:
+        """The step's sums into the interval's (device work: a captured step replays it)."""
+        self.sums += self.step_sums
         self.step_sums.zero_()
+
+    def tally(self, trained: bool = True) -> None:
+        """The host's count of one step: images/s counts it; its loss counts if the optimizer took it."""
         self.steps += 1
+        self.trained += trained
+
+    def count_step(self, trained: bool = True) -> None:
+        """One step (all its micro-batches added); a skipped step's sums are dropped."""
+        if trained:
+            self.fold()
+        else:
+            self.step_sums.zero_()
+        self.tally(trained)
 
     def _read_clock(self) -> None:
         now = time.perf_counter()

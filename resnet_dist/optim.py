@@ -26,10 +26,10 @@ def resolve_precision(requested: str, device: torch.device, env=os.environ) -> s
     return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
-def autocast_for(precision: str, device: torch.device):
-    """bf16 / fp16 autocast, or a no-op context for fp32."""
+def autocast_for(precision: str, device: torch.device, cache: bool = True):
+    """bf16 / fp16 autocast, or a no-op context for fp32. `cache=False`: no cast cache (a CUDA graph capture)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache) if dtype else nullcontext()
 
 
 CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS's fixed workspace: its deterministic mode (CUDA's documentation)
@@ -57,14 +57,18 @@ def optimizer_impl(device: torch.device, precision: str) -> dict:
     return {"fused": None, "foreach": True}
 
 
-def make_optimizer(model: nn.Module, t, device: torch.device, precision: str) -> torch.optim.Optimizer:
-    """SGD; BatchNorm weights and biases (all 1-d parameters) get no weight decay."""
+def make_optimizer(
+    model: nn.Module, t, device: torch.device, precision: str, lr_tensor: bool = False
+) -> torch.optim.Optimizer:
+    """SGD; BatchNorm weights and biases (all 1-d parameters) get no weight decay. `lr_tensor`: the LR lives in
+    one device tensor shared by both groups, which a captured step reads at each replay (the fused kernel reads
+    it on the device; the foreach one would read it on the host, a sync: so it needs the fused SGD)."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(
-        groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, **optimizer_impl(device, precision)
-    )
+    impl = {"fused": True, "foreach": None} if lr_tensor else optimizer_impl(device, precision)
+    lr = torch.tensor(t.lr, device=device) if lr_tensor else t.lr
+    return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, nesterov=t.nesterov, **impl)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -121,7 +125,7 @@ class Schedule:
         lr = self.at(step)
         for group in self.optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(lr)
+                group["lr"].fill_(lr)  # a kernel on the device: the host does not wait for it
             else:
                 group["lr"] = lr
         return lr
@@ -258,8 +262,9 @@ def loss_scaler(precision: str, model: nn.Module, device: torch.device):
 class EMA:
     """An exponential moving average of the weights and BatchNorm statistics; evaluation uses it.
 
-    The update is two foreach kernels on device tensors (lerp for floating-point tensors, a copy for the
-    integer batch counters), the count a Python int: no host sync per step.
+    `apply()` is the device work, two foreach kernels (a lerp for floating-point tensors, a copy for the integer
+    batch counters; the first update copies): no host sync, and a captured step replays it (the decay is a
+    Python number the graph keeps). `advance()` is the host's part, the count.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -275,7 +280,7 @@ class EMA:
         return [t for t in all_ if t.is_floating_point()], [t for t in all_ if not t.is_floating_point()]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def apply(self, model: nn.Module) -> None:
         if self.source is None or self.source[0] is not model:
             self.source = (model, self._tensors(model))
         (avg_f, avg_i), (cur_f, cur_i) = self.avg, self.source[1]
@@ -285,21 +290,35 @@ class EMA:
             torch._foreach_lerp_(avg_f, cur_f, 1.0 - self.decay)
         if avg_i:
             torch._foreach_copy_(avg_i, cur_i)
+
+    def advance(self) -> None:
         self.count += 1
+
+    def update(self, model: nn.Module) -> None:
+        self.apply(model)
+        self.advance()
 
     def state_dict(self) -> dict:
         return {"weights": self.module.state_dict(), "n_averaged": self.count}
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["weights"])
-        self.count = int(state["n_averaged"])  # a tensor in checkpoints of torch's AveragedModel
+        self.count = state["n_averaged"]
 
 
 class NoEMA:
     """EMA switched off: evaluation uses the model itself."""
 
+    count = 1  # never a first update to copy
+
     def __init__(self, model: nn.Module):
         self.module = model
+
+    def apply(self, model: nn.Module) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
 
     def update(self, model: nn.Module) -> None:
         pass

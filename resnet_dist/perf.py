@@ -3,6 +3,7 @@ ceiling, and a clock that reads the device timeline. Used by the benchmark and b
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -105,7 +106,14 @@ def mfu_per_image_per_s(cfg, device: torch.device, precision: str) -> float | No
     return train_flops_per_image(cfg) / (peak * 1e12) if peak else None
 
 
-def debug_delay(spec: str, rank: int) -> float:
-    """dist.debug_delay=RANK:SECONDS: the seconds this rank sleeps before each forward pass (else 0)."""
-    who, _, seconds = spec.partition(":")
-    return float(seconds) if who and int(who) == rank else 0.0
+def since_process_start() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere since this module was imported)."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - IMPORTED
+
+
+IMPORTED = time.perf_counter()

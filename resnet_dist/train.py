@@ -6,9 +6,21 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from . import checkpoint, cli, config, distributed, export, rundir, tensorboard_logger, wandb_logger
+from . import (
+    checkpoint,
+    cli,
+    config,
+    distributed,
+    export,
+    perf,
+    rundir,
+    step,
+    tensorboard_logger,
+    wandb_logger,
+)
 from .data import DataError, load_splits
 from .metrics import (
     ConsoleLogger,
@@ -19,7 +31,7 @@ from .metrics import (
     NullLogger,
     truncate_jsonl,
 )
-from .optim import CUBLAS_DETERMINISTIC, configure_backends
+from .optim import CUBLAS_DETERMINISTIC, configure_backends, resolve_precision
 from .profiling import NoProfiler, StepProfiler
 from .trainer import Outcome, Trainer
 
@@ -195,13 +207,23 @@ def main(argv=None) -> int:
             2,
             quiet=not env.is_main,
         )
+    try:  # train.cuda_graphs=on where a capture cannot work: a usage error, before anything is created
+        precision = resolve_precision(cfg.train.precision, env.device)
+        step.plan(
+            cfg.train.cuda_graphs, env.device.type == "cuda", precision, env.world_size, env.backend, cfg
+        )
+    except step.CaptureError as e:
+        distributed.teardown()
+        cli.fail(str(e), 2, quiet=not env.is_main)
     if env.is_main:
         for warning in env.warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     logger, lock, training, profiler = NullLogger(), None, False, NoProfiler()
     try:
         # the data first: an unusable or damaged data.root stops the run before anything is created
+        clock = time.perf_counter()
         data = load_splits(cfg.data, env.device)
+        data_s = time.perf_counter() - clock
         run_dir = Path(cfg.run.dir).absolute() / distributed.broadcast_object(rundir.run_name(cfg))
         lock, state = open_run(cfg, env, run_dir)
         if state is not None:
@@ -221,18 +243,26 @@ def main(argv=None) -> int:
         # every checkpoint carries the W&B run id: a resumed or requeued job continues the same W&B run
         preemption = distributed.Preemption(env).install()
         meta = {"wandb_id": wb.id if wb else None}
+        clock = time.perf_counter()
         trainer = Trainer(cfg, env, data, run_dir, logger, preemption, meta, profiler)
         if state is not None:
             trainer.load_state_dict(state)
+        model_s = time.perf_counter() - clock
+        how = trainer.capture()  # the step as a CUDA graph, checked against the eager one (or why not)
         if env.is_main:
             print(
                 f"resnet_dist: launcher={env.launcher} world_size={env.world_size} nodes={env.num_nodes} "
-                f"backend={env.backend or 'none'} device={env.device} precision={trainer.precision} "
+                f"backend={env.backend or 'none'} device={env.device} precision={trainer.precision} step={how} "
                 + ("deterministic=on " if cfg.run.deterministic else "")
                 + ("sync_bn=on " if cfg.model.sync_bn and env.distributed else "")
                 + (f"accum_steps={cfg.train.accum_steps} " if cfg.train.accum_steps > 1 else "")
                 + f"run_dir={run_dir} "
                 + (f"resumed at step {trainer.global_step}" if state else "fresh start"),
+                flush=True,
+            )
+            print(
+                f"ready in {perf.since_process_start():.1f} s (data {data_s:.1f} s, model {model_s:.1f} s, "
+                f"capture {trainer.capture_s:.1f} s)",
                 flush=True,
             )
             small = small_batch_warning(env.device, cfg.train.batch_size // env.world_size, env.world_size)
@@ -255,6 +285,10 @@ def main(argv=None) -> int:
             elif cfg.checkpoint.requeue:
                 requeue_slurm_job()
         return 0
+    except step.CaptureError as e:  # train.cuda_graphs=on, and the capture failed or disagreed: every rank
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     except (rundir.RunDirError, Refused, MetricsError, checkpoint.CheckpointError, Diverged) as e:
         # every rank holds the same error (rank0_first, or a value all ranks computed): rank 0 says it.
         # Found before training: exit 2, as for any usage error; during training (a full disk): 1

@@ -8,6 +8,7 @@ group, so `fit()` runs in a test on a few synthetic tensors.
 from __future__ import annotations
 
 import enum
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, optim, perf
+from . import checkpoint, optim, perf, step
 from .config import Config
 from .data import Splits, TrainBatches, augment_seed
 from .distributed import DistEnv, NoPreemption, Preemption, all_gather_object, broadcast_buffers, wrap_ddp
-from .evaluate import Evaluator
+from .evaluate import Evaluator, GraphedEvaluation
 from .metrics import EpochMedia, LossGuard, NullLogger, TrainMeter, fmt, progress_bar
 from .model import build_model, compiled, memory_format
 from .profiling import NoProfiler
@@ -58,6 +59,7 @@ class Trainer:
         preemption: Preemption | None = None,
         meta: dict | None = None,
         profiler=None,
+        graphs=None,
     ):
         self.cfg, self.env, self.data, self.run_dir = cfg, env, data, run_dir
         self.logger, self.preemption = logger or NullLogger(), preemption or NoPreemption()
@@ -71,15 +73,24 @@ class Trainer:
         self.model = build_model(cfg.model).to(dev, memory_format=self.memory_format)
         if cfg.model.sync_bn and env.distributed:  # BatchNorm over the global batch (CUDA only, see train.py)
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.ddp = wrap_ddp(self.model, env, cfg.dist.bucket_mb, cfg.dist.grad_compression)
+        self.precision = optim.resolve_precision(t.precision, dev)
+        # the step is captured as a CUDA graph unless `eager_why` says why not (CaptureError: `on` cannot be)
+        self.graphs = graphs or (step.CudaGraphs() if dev.type == "cuda" else None)
+        self.eager_why = step.plan(
+            t.cuda_graphs, self.graphs is not None, self.precision, env.world_size, env.backend, cfg
+        )
+        self.stream = self.graphs.stream() if self.eager_why is None else None
+        with self.graphs.on(self.stream) if self.stream is not None else nullcontext():
+            # under capture DDP is built on the stream the warm-up and the capture use (PyTorch's CUDA graph
+            # notes): it binds its gradient accumulation to the stream it was made on
+            self.ddp = wrap_ddp(self.model, env, cfg.dist.bucket_mb, cfg.dist.grad_compression)
         self.train_model = self.ddp or self.model
         if t.compile:
             self.train_model = compiled(self.train_model, dev, warn=env.is_main)
         self.ema = optim.make_ema(self.model, t.ema_decay)
-        self.precision = optim.resolve_precision(t.precision, dev)
-        self.autocast = optim.autocast_for(self.precision, dev)
-        self.amp = optim.loss_scaler(self.precision, self.model, dev)  # fp16's loss scaling, else a no-op
-        self.optimizer = optim.make_optimizer(self.model, t, dev, self.precision)
+        self.optimizer = optim.make_optimizer(
+            self.model, t, dev, self.precision, lr_tensor=self.eager_why is None
+        )
         self.schedule = optim.Schedule(self.optimizer, t, t.epochs * self.batches.steps_per_epoch)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.evaluator = Evaluator.from_config(cfg, dev)
@@ -88,34 +99,87 @@ class Trainer:
         self.eval_s, self.cadence = 0.0, checkpoint.SaveCadence(cfg.checkpoint, t.epochs, dev)
         self.guard = LossGuard(t.lr)
         self.history, self.meta = [], dict(meta or {})
-        self.delay_s = perf.debug_delay(cfg.dist.debug_delay, env.rank)  # a simulated straggler (testing)
         self.mfu_factor = perf.mfu_per_image_per_s(cfg, dev, self.precision)  # None off GPUs
+        self.parts = step.Parts(
+            self.model,
+            self.train_model,
+            self.ddp,
+            self.optimizer,
+            self.schedule,
+            optim.loss_scaler(self.precision, self.model, dev),  # fp16's loss scaling, else a no-op
+            self.ema,
+            self.meter,
+            self.loss_fn,
+            self.autocast_for_step(),
+            self.memory_format,
+            t.accum_steps,
+        )
+        self.step = step.EagerStep(self.parts)
+        self.graphed_eval: GraphedEvaluation | None = None  # the evaluation as a CUDA graph, with the step
+        self.capture_s = 0.0
+
+    @property
+    def amp(self):
+        """fp16's loss scaler (a no-op otherwise), as the step uses it."""
+        return self.parts.amp
+
+    @amp.setter
+    def amp(self, scaler) -> None:
+        self.parts.amp = scaler
+
+    def autocast_for_step(self):
+        # a captured step enters autocast inside the graph, without its cast cache (PyTorch's CUDA graph notes)
+        return optim.autocast_for(self.precision, self.env.device, cache=self.eager_why is not None)
+
+    def capture(self) -> str:
+        """Capture the step, then the evaluation, as CUDA graphs when the plan says so (from this state, which it
+        keeps: weights, momentum, statistics, the augmentation stream); what the run does, in words for rank 0's
+        first line. Under `auto` a failure falls back to eager with a warning; under `on` it raises CaptureError."""
+        if self.eager_why is not None:
+            return f"eager ({self.eager_why})"
+        start, rng = time.perf_counter(), self.gen.get_state()
+        batches = self.batches.epoch(self.epoch, self.gen, start_step=0)
+        how = "captured"
+        try:
+            self.step = step.capture(
+                self.parts, self.step, batches, self.global_step, self.precision, self.graphs, self.stream
+            )
+            self.graphed_eval = self.capture_evaluation()
+        except step.CaptureError as e:
+            if self.cfg.train.cuda_graphs == "on":
+                raise
+            part = "evaluation" if self.step.captured else "step"
+            if self.env.is_main:
+                print(f"warning: the {part} runs eagerly: {e}", file=sys.stderr, flush=True)
+            how = "captured, evaluation eager" if self.step.captured else f"eager (the capture failed: {e})"
+        finally:
+            self.gen.set_state(rng)
+            self.capture_s = time.perf_counter() - start
+        return how
+
+    def capture_evaluation(self) -> GraphedEvaluation:
+        """The evaluation as a graph too, checked against the eager one on the first two test batches."""
+        module, x, y = self.ema.module, self.data.test_x, self.data.test_y
+        graphed = GraphedEvaluation(self.evaluator, module, x.shape[1:], self.graphs, self.stream)
+        try:
+            graphed.capture(x, y)
+            part = slice(0, min(len(y), 2 * self.evaluator.batch_size))
+            was_training = module.training
+            module.eval()
+            eager, replayed = self.evaluator.sums(module, x, y, part), graphed.sums(x, y, part)
+            module.train(was_training)
+        except Exception as e:  # noqa: BLE001 - one line, as for the step
+            raise step.CaptureError(f"capturing the evaluation failed ({type(e).__name__}: {e})") from None
+        if not torch.equal(eager[1:], replayed[1:]) or not torch.allclose(eager[0], replayed[0], rtol=1e-3):
+            raise step.CaptureError(
+                "the captured evaluation disagrees with the eager one on the first test batches"
+            )
+        return graphed
 
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One optimizer step on this rank's share of the global batch, in `train.accum_steps` micro-batches."""
-        n = self.cfg.train.accum_steps
-        self.schedule.set(self.global_step)
-        self.amp.begin()
-        # under DDP the gradients are views into its buckets (gradient_as_bucket_view): zero them in place,
-        # or autograd allocates new ones each step and DDP copies them back into the buckets
-        self.optimizer.zero_grad(set_to_none=self.ddp is None)
-        for i, (xm, ym) in enumerate(zip(x.chunk(n), y.chunk(n))):
-            # gradients are all-reduced once, with the last micro-batch: the others only accumulate locally
-            with self.ddp.no_sync() if self.ddp and i < n - 1 else nullcontext():
-                start = self.meter.device_clock.mark()
-                time.sleep(self.delay_s)  # dist.debug_delay, a simulated straggler: 0 s unless testing
-                with self.autocast:
-                    out = self.train_model(xm.contiguous(memory_format=self.memory_format))
-                    loss = self.loss_fn(out, ym)
-                self.meter.busy_since(start)  # the forward pass: this rank's own work, no collective in it
-                # each micro-batch's mean loss weighs 1/n: the summed gradients are the global batch's mean
-                self.amp.backward(loss / n)  # DDP all-reduces bucket by bucket during the last one
-            self.meter.add(loss, out, ym)
-        trained = self.amp.step(self.optimizer)  # False: fp16's gradients overflowed, the step was skipped
-        if trained:  # a skipped step leaves no trace (the loss scaler put the BatchNorm statistics back)
-            self.ema.update(self.model)
-        self.meter.count_step(trained)
+        self.step(x, y, self.global_step)
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> Outcome:
@@ -184,7 +248,8 @@ class Trainer:
 
     def evaluate(self) -> dict:
         broadcast_buffers(self.ema.module)  # rank 0's BatchNorm statistics, the ones the checkpoint holds
-        return self.evaluator.evaluate(self.ema.module, self.data.test_x, self.data.test_y, self.env)
+        module, x, y = self.ema.module, self.data.test_x, self.data.test_y
+        return self.evaluator.evaluate(module, x, y, self.env, self.graphed_eval)
 
     def media(self, confusion: list) -> EpochMedia:
         """The epoch's pictures for the loggers: misclassified images only when one of them shows them."""

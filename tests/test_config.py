@@ -76,8 +76,9 @@ def test_dotted_keys_inside_yaml_and_sections(tmp_path):
         ("model.sync_bn=2", "model.sync_bn"),
         ("log.profile=20", "log.profile"),
         ("log.profile=20:0", "log.profile"),
-        ("dist.debug_delay=1", "dist.debug_delay"),
-        ("dist.debug_delay=a:1", "dist.debug_delay"),
+        ("dist.debug_delay=0:1", "unknown config key 'dist.debug_delay'"),  # a test hook, no longer a setting
+        ("train.cuda_graphs=yes", "train.cuda_graphs"),
+        ("dist.backend=mpi", "dist.backend"),
     ],
 )
 def test_each_bad_value_names_its_key(override, words):

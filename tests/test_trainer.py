@@ -446,19 +446,20 @@ def test_deterministic_mode_sets_every_switch(monkeypatch):
 
 
 # ---- live straggler figures ----------------------------------------------------------------------------------
-def _interval_figures(env, delay):
-    cfg = load_config(
-        None, ["run.dir=/nonexistent", *SYNTH, "train.epochs=1", f"dist.debug_delay={delay}"], world_size=2
-    )
+def _interval_figures(env, slow_rank, delay_s):
+    cfg = load_config(None, ["run.dir=/nonexistent", *SYNTH, "train.epochs=1"], world_size=2)
     log = Recorder()
-    Trainer(cfg, env, synthetic(), None, log).fit()
+    trainer = Trainer(cfg, env, synthetic(), None, log)
+    if env.rank == slow_rank:  # a straggler: this rank's forward pass takes delay_s longer
+        trainer.model.register_forward_pre_hook(lambda module, args: time.sleep(delay_s))
+    trainer.fit()
     return [r for r in log.records if r["kind"] == "step"]
 
 
 def test_a_slow_rank_shows_in_the_straggler_ratio():
     """Each interval gathers every rank's own forward time in the interval's one collective: rank 1, slowed by
-    0.3 s a step (dist.debug_delay), is the slowest by far; the all-reduce would hide it from wall times."""
-    steps = in_gloo_group(_interval_figures, 2, "1:0.3")[0]
+    0.3 s a step, is the slowest by far; the all-reduce would hide it from wall times."""
+    steps = in_gloo_group(_interval_figures, 2, 1, 0.3)[0]
     assert len(steps) == 4
     for r in steps:
         assert r["time/slowest_s"] >= 0.3 and r["time/fastest_s"] > 0, r
