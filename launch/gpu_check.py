@@ -37,10 +37,11 @@ RESERVE_S = 10  # kept back to write the results
 # What each figure must reach, on a GPU and in the dry run (CPU, a few hundred images: chance is 0.10).
 # GPU_CHECK_BOUNDS='{"smoke": 1.01}' overrides some (the tests force a FAIL that way).
 BOUNDS = {
-    # the smoke recipe (SMOKE below) after 2 epochs of 16 steps on 8,192 images, bf16 and fp16: measured
-    # 0.80 (lr 0.1) and 0.82 (lr 0.2) in bf16 on a CPU; 0.75 leaves room for seed and kernel noise, and a
-    # collapsed run (the old recipe ended at 0.065) or a broken resume is far below it
-    "smoke": 0.75 if not DRY else 0.15,
+    # the smoke recipe (SMOKE below) after 4 epochs of 16 steps on 8,192 images: measured 0.7785 in bf16 on a
+    # CPU (python -m resnet_dist.train with SMOKE's settings, 2026-11-30). Not 2 epochs: after 32 steps the
+    # BatchNorm running statistics still lag the weights (0.27 test accuracy where batch statistics give 0.73).
+    # 0.70 leaves room for seeds and kernels; a collapsed run (the old smoke ended at 0.065) is far below
+    "smoke": 0.70 if not DRY else 0.15,
     "fast": 0.940 if not DRY else 0.15,  # configs/fast.yaml's target
     "default": 0.953 if not DRY else 0.15,  # seeds 0 / 1 / 2 gave 0.9552 / 0.9550 / 0.9565 on one H200
     # the original recipe, 10 epochs: the notebook's figure is ~0.89 for one run; under a constant LR the last
@@ -66,24 +67,26 @@ TINY = (
         "data.eval_batch_size=100",
         "log.every_steps=4",
         "train.precision=fp32",
+        "train.lr=0.05",  # the recipes' peak LRs diverge in the few steps of so little data
     ]
     if DRY
     else []
 )
-# The smoke recipe: configs/fast.yaml on 8,192 images (16 steps per epoch) for 2 epochs, with a one-cycle LR
-# fit for 32 steps (fast.yaml's lr 0.4 squeezed into them collapses: the old smoke ended at 0.065) and an EMA
-# short enough to follow them, deterministic kernels only, a checkpoint every 5 steps.
+# The smoke recipe: configs/fast.yaml on 8,192 images (16 steps per epoch) for 4 epochs, at a peak LR of 0.05
+# with a quarter of warm-up: this network diverges at LRs of 0.08 and up in its first 10 steps (fast.yaml warms
+# up over 281 steps; its lr 0.4 squeezed into 16 steps collapsed: loss 8, then ln 10), an EMA short enough for
+# 64 steps, deterministic kernels only, a checkpoint every 10 steps.
 SMOKE = [
     "--config",
     "configs/fast.yaml",
     *([] if DRY else ["data.train_subset=8192", "data.test_subset=2000"]),
-    "train.epochs=2",
-    "train.lr=0.2",
-    "train.warmup=0.3",
+    "train.epochs=4",
+    "train.lr=0.05",
+    "train.warmup=0.25",
     "train.ema_decay=0.9",
     "run.deterministic=true",
-    "checkpoint.every_steps=5",
-    "checkpoint.keep=10",
+    "checkpoint.every_steps=10",
+    "checkpoint.keep=12",
 ]
 BENCH_STEPS = ["--steps", "2", "--warmup", "1"] if DRY else ["--steps", "50", "--warmup", "10"]
 
@@ -235,7 +238,7 @@ def selftest() -> None:
 
 
 def smoke() -> None:
-    """2 epochs on a subset with a checkpoint every 5 steps, then the same command resumed from the step-10
+    """4 epochs on a subset with a checkpoint every 10 steps, then the same command resumed from the step-10
     checkpoint: it must end exactly where the uninterrupted run did (deterministic kernels: an op without one on
     this GPU would raise), above the smoke floor. GPU checkpoints, the optimizer's state, the CUDA random
     streams, the EMA; bf16, then fp16 (the loss scaler's state too)."""
@@ -257,7 +260,7 @@ def smoke() -> None:
         same = whole == resumed
         judge(
             name,
-            f"2 epochs: test acc {whole[0]}, loss {whole[1]}; resumed from step 10: "
+            f"4 epochs: test acc {whole[0]}, loss {whole[1]}; resumed from step 10: "
             f"{'the same' if same else f'acc {resumed[0]}, loss {resumed[1]}: NOT the same'}"
             + (f"; {amp_summary(o1)}" if amp_summary(o1) else ""),
             whole[0] if same else None,
@@ -268,7 +271,7 @@ def smoke() -> None:
 
 def recipe(name: str, config: str, budget_s: float, *args: str) -> float | None:
     """A recipe trained to the end: final-epoch accuracy (judged against BOUNDS[kind]), wall time, time split."""
-    extra = ["train.epochs=2"] if DRY else []
+    extra = ["train.epochs=4"] if DRY else []
     code, out, secs = run(
         name,
         train_cmd("--config", config, fresh(name), "checkpoint.resume=never", *extra, *args),

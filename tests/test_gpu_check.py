@@ -32,7 +32,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert summary[0].startswith("versions: torch ") and "DRY RUN" in summary[0]
     judged = {line.split(":")[0]: line for line in summary if JUDGED.search(line)}
     for name in (
-        "smoke_bf16",  # 2 epochs, and the same resumed from step 10: identical
+        "smoke_bf16",  # 4 epochs, and the same resumed from step 10: identical
         "smoke_fp16",
         "fast_bf16_acc",
         "fast_fp16_acc",
