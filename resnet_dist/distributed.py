@@ -700,20 +700,30 @@ class Preemption:
     A second SIGINT stops the process at once.
 
     The flag travels on the main process group, not on a second (gloo) group that would have to find its
-    own network interface across nodes: each step every rank all-reduces its flag, and reads the result
-    of step s at step s + lag. The host copy of the result lands in pinned memory behind a CUDA event, so
-    the host waits for it only when it runs more than `lag` steps ahead of the GPU; a signal stops the
-    run at most lag + 1 steps later. One process needs no agreement: the flag is read directly.
+    own network interface across nodes: every `every` steps each rank all-reduces its flag, and reads the
+    result of one agreement at the next `lag`-th one. On GPUs the host copy lands in pinned memory behind a
+    CUDA event (a few slots, allocated once), so the host waits for it only when it runs that far ahead of the
+    GPU, and no collective runs in most steps (a captured step replays between them). A signal stops the run
+    at most every x (lag + 1) steps later: 30 on GPUs (a fraction of a second), 2 on CPU, where steps are long
+    and one tiny all-reduce a step costs nothing. One process needs no agreement: the flag is read directly.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self, env: DistEnv, lag: int | None = None):
+    def __init__(self, env: DistEnv, lag: int | None = None, every: int | None = None):
         self.received = False
         self.env = env
         self.cuda = env.device.type == "cuda"
         self.lag = lag if lag is not None else (2 if self.cuda else 1)
+        self.every = every if every is not None else (10 if self.cuda else 1)
         self.pending: deque = deque()  # (work or event, tensor holding the reduced flag), oldest first
+        self.slots = []  # on GPUs: (device flag, pinned host copy, event) for each agreement in flight
+        if self.cuda and env.distributed:
+            self.slots = [
+                (torch.zeros(1, device=env.device), torch.empty(1, pin_memory=True), torch.cuda.Event())
+                for _ in range(self.lag + 1)
+            ]
+        self.count = 0  # agreements started
 
     def install(self) -> Preemption:
         """Take over the signals (entry points call it; a benchmark or a test need not)."""
@@ -729,21 +739,24 @@ class Preemption:
             os.write(2, b"interrupted: saving a checkpoint at the next step (Ctrl-C again to stop at once)\n")
         self.received = True
 
-    def agreed(self) -> bool:
-        """True on every rank at the same step once any rank got a signal (call it once per step)."""
+    def agreed(self, step: int) -> bool:
+        """True on every rank at the same step once any rank got a signal (call it after every step, with the
+        global step count: all ranks agree at the same steps)."""
         if not self.env.distributed:
             return self.received
-        flag = torch.full((1,), float(self.received), device=self.env.device)  # a host scalar: no sync
-        work = dist.all_reduce(flag, async_op=True)
+        if step % self.every:
+            return False
         if self.cuda:
-            work.wait()  # the current stream waits for the all-reduce; the host does not
-            host = torch.empty(1, pin_memory=True)
+            flag, host, done = self.slots[self.count % len(self.slots)]
+            flag.fill_(float(self.received))  # a kernel with the host's value: no sync
+            dist.all_reduce(flag, async_op=True).wait()  # the current stream waits for it; the host does not
             host.copy_(flag, non_blocking=True)
-            done = torch.cuda.Event()
             done.record()
             self.pending.append((done, host))
         else:
-            self.pending.append((work, flag))
+            flag = torch.full((1,), float(self.received))
+            self.pending.append((dist.all_reduce(flag, async_op=True), flag))
+        self.count += 1
         if len(self.pending) <= self.lag:
             return False
         return self._read(*self.pending.popleft())
@@ -772,7 +785,7 @@ class NoPreemption(Preemption):
     def __init__(self):
         self.received, self.pending = False, deque()
 
-    def agreed(self) -> bool:
+    def agreed(self, step: int) -> bool:
         return False
 
     def drain(self) -> bool:

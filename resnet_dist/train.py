@@ -195,6 +195,10 @@ def main(argv=None) -> int:
 
     if cfg.run.deterministic:  # read by cuBLAS when CUDA starts: before setup() touches the GPU
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+    if cfg.train.cuda_graphs == "on" and distributed.detect()["world_size"] > 1:
+        # a captured step under DDP: NCCL's asynchronous error handling off before the process group exists
+        # (PyTorch's CUDA graph notes, whole-network capture with DistributedDataParallel)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     try:
         env = distributed.setup(cfg.dist.timeout_s, cfg.dist.backend)
     except distributed.LaunchError as e:  # a launch mistake: one line, exit 2, before anything is created

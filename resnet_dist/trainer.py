@@ -198,7 +198,7 @@ class Trainer:
                 last = self.step_in_epoch == spe
                 if self.global_step % c.log.every_steps == 0 or last:
                     self.log_interval(bar)
-                if not last and self.preemption.agreed():
+                if not last and self.preemption.agreed(self.global_step):
                     bar.close()
                     return self.stop()
                 if not last and c.checkpoint.every_steps and self.global_step % c.checkpoint.every_steps == 0:

@@ -104,26 +104,28 @@ def _agreement(env):
     import torch
 
     found = {}
-    for lag in (1, 3):
-        p = distributed.Preemption(env, lag=lag)  # not installed: the test raises the flag itself
+    for lag, every in ((1, 1), (3, 1), (1, 3)):
+        p = distributed.Preemption(
+            env, lag=lag, every=every
+        )  # not installed: the test raises the flag itself
         stops = []
-        for step in range(10):
+        for step in range(1, 13):
             if env.rank == 1 and step == 4:
                 p.received = True  # what the signal handler does, on one rank only
-            stops.append(p.agreed())
-        found[lag] = (stops.index(True), p.drain())
+            stops.append(p.agreed(step))
+        found[lag, every] = (stops.index(True) + 1, p.drain(), p.count)
     # a real SIGTERM to rank 1, through the installed handler
     p = distributed.Preemption(env).install()
     stops = []
     for step in range(6):
         if env.rank == 1 and step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        stops.append(p.agreed())
+        stops.append(p.agreed(step))
     found["sigterm"] = stops.index(True)
     # the epoch-end drain: a flag raised in the last steps is still agreed on every rank
     p = distributed.Preemption(env, lag=2)
     p.received = env.rank == 0
-    found["drain"] = (p.agreed(), p.drain(), p.drain())
+    found["drain"] = (p.agreed(0), p.drain(), p.drain())
     # rank 0's buffers (BatchNorm statistics) reach every rank; rank 0's decision too
     bn = torch.nn.BatchNorm2d(3)
     bn.running_mean.fill_(env.rank + 1.0)
@@ -145,8 +147,10 @@ def _agreement(env):
 def test_preemption_agreement_and_rank0_state_in_a_real_group():
     got = in_gloo_group(_agreement, 2)
     for rank in (0, 1):
-        # the flag raised at step 4 on rank 1 stops both ranks at the same step, `lag` steps later
-        assert got[rank][1] == (5, True) and got[rank][3] == (7, True), got
+        # the flag raised at step 4 on rank 1 stops both ranks at the same step: read `lag` agreements later,
+        # and with an agreement every 3 steps (3, 6, 9, 12) only at those, within every x (lag + 1) steps
+        assert got[rank][1, 1] == (5, True, 12) and got[rank][3, 1] == (7, True, 12), got
+        assert got[rank][1, 3] == (9, True, 4), got
         assert got[rank]["drain"] == (False, True, False) and got[rank]["sigterm"] == 3
         assert got[rank]["buffers"] == ([1.0, 1.0, 1.0], 5) and got[rank]["decides"] is True
         assert got[rank]["ddp"] == ([rank + 1.0] * 3, []), got
