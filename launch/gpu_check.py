@@ -53,6 +53,20 @@ BOUNDS = {
     # 2 ranks on one GPU (gloo): the logged test accuracy against `evaluate` on the checkpoint, in images (the
     # shard shapes differ, so one image may flip)
     "two_ranks_images": 1,
+    # the captured step against the eager one on configs/fast.yaml, same seed (bf16): at most 0.3 points
+    "captured_gap": 0.003 if not DRY else 0.0,
+    # configs/fast.yaml's time, captured: training + evaluation, and the whole process (start, data, capture)
+    "fast_train_eval_s": 10.0 if not DRY else 600.0,
+    "fast_wall_s": 15.0 if not DRY else 600.0,
+    # the trainer at batch 512 bf16 with EMA, captured (configs/default.yaml): images/s, GPU busy, MFU; and at
+    # 128 per GPU (4 GPUs' share of 512) still busy
+    "captured_512_images_s": 85_000,
+    "busy_512": 0.90,
+    "busy_128": 0.70,
+    "mfu_512": 0.23,
+    # a captured step must never be slower than the eager one at the same per-GPU batch (the dry run on a CPU
+    # runs both eagerly, the same step timed twice on a machine that may be busy: any ratio)
+    "captured_vs_eager_speed": 1.0 if not DRY else 0.0,
 }
 BOUNDS.update(json.loads(os.environ.get("GPU_CHECK_BOUNDS") or "{}"))
 
@@ -270,49 +284,72 @@ def smoke() -> None:
 
 
 def recipe(name: str, config: str, budget_s: float, *args: str) -> float | None:
-    """A recipe trained to the end: final-epoch accuracy (judged against BOUNDS[kind]), wall time, time split."""
+    """A recipe trained to the end: its final-epoch accuracy; its wall time, time split, how the step ran, the
+    ready line and each epoch's images/s in the results."""
     extra = ["train.epochs=4"] if DRY else []
-    code, out, secs = run(
-        name,
-        train_cmd("--config", config, fresh(name), "checkpoint.resume=never", *extra, *args),
-        budget_s,
-        f"{name}.log",
-    )
+    cmd = train_cmd("--config", config, fresh(name), "checkpoint.resume=never", *extra, *args)
+    code, out, secs = run(name, cmd, budget_s, f"{name.split('_')[0]}.log")  # fast_bf16 -> fast.log
     if code != 0:
         return None
-    acc, split = last_acc(out), time_split(out)
-    amp = re.search(r"fp16: .*", out)
+    acc, split, amp = last_acc(out), time_split(out), amp_summary(out)
+    first, ready = re.search(r" step=(.*?) run_dir=", out), re.search(r"ready in .*", out)
     results["steps"][name].update(
         test_acc=acc,
         wall_s=round(secs, 1),
         time_split=split,
         epochs=len(epoch_lines(out)),
-        amp=amp and amp.group(0),
+        amp=amp,
+        step=first and first.group(1),
+        ready=ready and ready.group(0),
+        epoch_images_s=[int(x) for x in re.findall(r"\| (\d+) img/s", out)],
     )
     say(
         f"{name}: {len(epoch_lines(out))} epochs, wall {secs:.1f} s (process start and data included); training "
         f"{split['train_s']} s, evaluation {split['eval_s']} s, checkpoints {split['save_s']} s"
-        + (f"; {amp.group(0)}" if amp else "")
+        + (f"; {amp}" if amp else "")
     )
     return acc
 
 
 def fast() -> None:
-    """configs/fast.yaml in bf16 to the end, then the same in fp16 (same seed): each must reach the recipe's
-    target, and fp16 must end within BOUNDS["fp16_gap"] of bf16."""
+    """configs/fast.yaml to the end three times, same seed: bf16 as users run it (captured on one GPU), fp16
+    (eager: its loss scaler decides on the host), and bf16 eager (train.cuda_graphs=off). Each must reach the
+    recipe's target; fp16 must end within BOUNDS["fp16_gap"] of bf16, the captured run within
+    BOUNDS["captured_gap"] of the eager one; the captured run within its time targets."""
+    runs = {
+        "bf16": ["train.precision=bf16"],
+        "fp16": ["train.precision=fp16"],
+        "bf16_eager": ["train.precision=bf16", "train.cuda_graphs=off"],
+    }
     accs = {}
-    for prec in ("bf16", "fp16"):
-        acc = accs[prec] = recipe(f"fast_{prec}", "configs/fast.yaml", 180, f"train.precision={prec}")
-        judge(
-            f"fast_{prec}_acc",
-            f"configs/fast.yaml {prec}: final-epoch test acc {acc}",
-            acc,
-            ">=",
-            BOUNDS["fast"],
-        )
-    gap = abs(accs["bf16"] - accs["fp16"]) if None not in accs.values() else None
+    for kind, args in runs.items():
+        acc = accs[kind] = recipe(f"fast_{kind}", "configs/fast.yaml", 180, *args)
+        what = f"configs/fast.yaml {kind.replace('_', ' ')}: final-epoch test acc {acc}"
+        judge(f"fast_{kind}_acc", what, acc, ">=", BOUNDS["fast"])
+    for name, a, b, what in (
+        ("fp16_vs_bf16", "fp16", "bf16", "|fp16 - bf16|"),
+        ("captured_vs_eager", "bf16", "bf16_eager", "|captured - eager| (bf16)"),
+    ):
+        gap = abs(accs[a] - accs[b]) if None not in (accs[a], accs[b]) else None
+        bound = BOUNDS["fp16_gap" if a == "fp16" else "captured_gap"]
+        judge(name, f"{what} on configs/fast.yaml, same seed: {gap}", gap, "<=", bound)
+    r = results["steps"].get("fast_bf16", {})
+    split, wall = r.get("time_split"), r.get("wall_s")
+    spent = round(split["train_s"] + split["eval_s"], 1) if split else None
+    how = f"step {r.get('step')}; {r.get('ready')}; epochs at {r.get('epoch_images_s')} img/s"
     judge(
-        "fp16_vs_bf16", f"|fp16 - bf16| on configs/fast.yaml, same seed: {gap}", gap, "<=", BOUNDS["fp16_gap"]
+        "fast_time",
+        f"configs/fast.yaml bf16: training + evaluation {spent} s ({how})",
+        spent,
+        "<=",
+        BOUNDS["fast_train_eval_s"],
+    )
+    judge(
+        "fast_wall",
+        f"configs/fast.yaml bf16: wall {wall} s, process start to exit",
+        wall,
+        "<=",
+        BOUNDS["fast_wall_s"],
     )
 
 
@@ -412,11 +449,119 @@ def report_bench(name: str, r: dict) -> None:
 
 
 def throughput() -> None:
-    """bf16 images/s of the trainer with and without EMA and of the bare loop, MFU against the datasheet
-    and against a bf16 matrix product measured here."""
-    bench("bench_trainer_ema", "configs/default.yaml")
+    """The trainer (configs/default.yaml, bf16, EMA) at per-GPU batches 64, 128, 256 and 512 (what 8, 4, 2 and 1
+    GPUs get of a global batch of 512), eager and captured, in one process, with the GPU's busy share from the
+    profiler; then the trainer without EMA and the bare loop at 512. Judged: captured never slower than eager;
+    at 512 images/s, busy and MFU, at 128 busy, against the targets. Then the forecast of 2, 4 and 8 GPUs."""
+    out_json = WORK / "sweep.json"
+    cmd = [PY, "-m", "resnet_dist.bench", "--config", "configs/default.yaml", *BENCH_STEPS]
+    cmd += ["--batches", "64,128,256" if DRY else "64,128,256,512", "--out", str(out_json)]
+    code, _, _ = run("sweep", [*cmd, *common("train.precision=bf16")], 240, "bench.log")
+    if code == 0:
+        runs = json.loads(out_json.read_text())["sweep"]
+        results["steps"]["sweep"]["runs"] = runs
+        judge_sweep(runs)
+        results["forecast"] = forecast(runs)
+        say(f"forecast (a model, not a measurement): {results['forecast']['summary']}")
     bench("bench_trainer_no_ema", "configs/default.yaml", "train.ema_decay=0")
     bench("bench_bare", "configs/default.yaml", "--mode", "bare")
+
+
+def busy(r: dict) -> str:
+    return f"{100 * r['gpu_busy']:.0f}%" if r["gpu_busy"] else "n/a"
+
+
+def judge_sweep(runs: list[dict]) -> None:
+    for eager, other in zip(
+        runs[::2], runs[1::2]
+    ):  # per batch: eager, then as configured (captured on a GPU)
+        batch = eager["global_batch"] // eager["world_size"]
+        captured = other if other["step"].startswith("captured") else None
+        speedup = other["images_per_s"] / eager["images_per_s"]
+        judge(
+            f"sweep_{batch}",
+            f"per-GPU batch {batch}: {other['step'].split(' (')[0]} {other['images_per_s']:.0f} img/s (GPU busy "
+            f"{busy(other)}, step {other['step_ms']['total']:.2f} ms), eager {eager['images_per_s']:.0f} img/s "
+            f"(GPU busy {busy(eager)}): {speedup:.2f}x",
+            speedup,
+            ">=",
+            BOUNDS["captured_vs_eager_speed"],
+        )
+        if DRY:
+            continue
+        c = captured or {"images_per_s": None, "gpu_busy": None, "mfu": None}
+        if batch == 512:
+            judge(
+                "captured_512",
+                f"trainer at 512, bf16, EMA, captured: {c['images_per_s']} img/s",
+                c["images_per_s"],
+                ">=",
+                BOUNDS["captured_512_images_s"],
+            )
+            judge(
+                "busy_512",
+                f"GPU busy at 512, captured: {c['gpu_busy']}",
+                c["gpu_busy"],
+                ">=",
+                BOUNDS["busy_512"],
+            )
+            judge(
+                "mfu_512",
+                f"MFU at 512, captured (datasheet peak): {c['mfu']}",
+                c["mfu"],
+                ">=",
+                BOUNDS["mfu_512"],
+            )
+        if batch == 128:
+            judge(
+                "busy_128",
+                f"GPU busy at 128, captured: {c['gpu_busy']}",
+                c["gpu_busy"],
+                ">=",
+                BOUNDS["busy_128"],
+            )
+
+
+# The forecast's links: NCCL all-reduce bus bandwidth on 8 H100/H200 over NVLink (370-475 GB/s measured by
+# others: the performance notes), and PCIe Gen5 x16 without NVLink (64 GB/s each way on paper, NCCL's ring
+# reaching well under half of it: 25 GB/s assumed).
+LINKS_GB_S = {"NVLink": 400.0, "PCIe Gen5": 25.0}
+
+
+def forecast(runs: list[dict]) -> dict:
+    """2, 4 and 8 GPUs at a global batch of 512, each GPU taking the one-GPU step measured at 512 / N images
+    (captured where it was), plus a ring all-reduce of the fp32 gradients: 2 (N - 1) / N times their bytes over
+    the link's bus bandwidth. Two bounds: the all-reduce hidden behind backward (DDP overlaps its buckets with
+    it: step = max(compute, all-reduce)) and not hidden at all (step = compute + all-reduce). A forecast, not a
+    measurement: 2+ GPUs have not run."""
+    from resnet_dist.config import ModelConfig
+    from resnet_dist.model import build_model
+
+    grad_bytes = 4 * sum(p.numel() for p in build_model(ModelConfig(stem="cifar")).parameters())
+    by = {r["global_batch"] // r["world_size"]: r for r in runs[1::2]}  # as configured: captured on a GPU
+    table, parts = {}, []
+    for n in (2, 4, 8):
+        if 512 // n not in by:
+            continue
+        step_s = by[512 // n]["step_ms"]["total"] / 1e3
+        for link, gb_s in LINKS_GB_S.items():
+            comm_s = 2 * (n - 1) / n * grad_bytes / (gb_s * 1e9)
+            hidden, exposed = 512 / max(step_s, comm_s), 512 / (step_s + comm_s)
+            table[f"{n}x {link}"] = {
+                "step_ms": 1e3 * step_s,
+                "allreduce_ms": 1e3 * comm_s,
+                "images_per_s_not_hidden": exposed,
+                "images_per_s_hidden": hidden,
+            }
+            parts.append(f"{n} GPUs {link} {exposed:,.0f}-{hidden:,.0f} img/s")
+    one = f"1 GPU measured {by[512]['images_per_s']:,.0f} img/s; " if 512 in by else ""
+    return {
+        "model": " ".join(forecast.__doc__.split()),
+        "gradient_bytes": grad_bytes,
+        "links_gb_s": LINKS_GB_S,
+        "table": table,
+        "summary": one + "; ".join(parts),
+    }
 
 
 def default() -> None:

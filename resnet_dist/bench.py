@@ -6,12 +6,16 @@ Modes, all on the same model, batch and precision:
   torchvision  the original input pipeline: torchvision FashionMNIST, per-sample ToTensor (and Resize),
                a DataLoader with worker processes, feeding the bare step
 Works under torchrun (per-rank and total images/s, straggler spread) and on CPU. Prints a table and
-writes JSON (`--out`). GPU timings use CUDA events; CPU timings use the wall clock.
+writes JSON (`--out`). GPU timings use CUDA events; CPU timings use the wall clock. On GPUs it also reports how
+busy the GPU was (kernel time / wall time over a few steps, from the profiler): a launch-bound step shows there.
+The trainer's step is captured as a CUDA graph as training would (train.cuda_graphs). `--batches 64,128,...`
+measures the trainer at each per-GPU batch, eager and captured, in one process (the GPU check's sweep).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import sys
@@ -108,18 +112,59 @@ def measure(step, it, clock, n: int, warmup: int) -> tuple[float, float]:
     return data, compute
 
 
-def run(cfg, env, mode: str, steps: int, warmup: int, workers: int) -> dict:
+def busy_fraction(step, it, device: torch.device, n: int = 10) -> float | None:
+    """The share of wall time in which the GPU ran kernels over `n` steps (the union of the kernels' intervals,
+    from the profiler, which adds a little overhead per kernel of its own); None off GPUs."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step(*next(it))
+        torch.cuda.synchronize()
+    kernels = [
+        (e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA
+    ]
+    host = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CPU]
+    return busy_share(kernels, host)
+
+
+def busy_share(kernels: list[tuple[float, float]], host: list[tuple[float, float]]) -> float | None:
+    """The union of the kernels' intervals (kernels on several streams overlap) over the whole profiled span."""
+    spans = sorted((a, b) for a, b in kernels if b > a)
+    if not spans:
+        return None
+    busy, end = 0.0, None
+    for a, b in spans:
+        if end is None or a > end:
+            busy, end = busy + (b - a), b
+        elif b > end:
+            busy, end = busy + (b - end), b
+    everything = spans + list(host)
+    wall = max(b for _, b in everything) - min(a for a, _ in everything)
+    return busy / wall if wall > 0 else None
+
+
+def run(cfg, env, mode: str, steps: int, warmup: int, workers: int, data=None) -> dict:
     per_rank = cfg.train.batch_size // env.world_size
     precision = resolve_precision(cfg.train.precision, env.device)
     # no preemption handler: a benchmark leaves SIGTERM alone
-    trainer = Trainer(cfg, env, load_splits(cfg.data, env.device)) if mode == "trainer" else None
+    trainer, how = None, None
+    if mode == "trainer":
+        trainer = Trainer(cfg, env, data or load_splits(cfg.data, env.device))
+        how = trainer.capture()  # as training would: a CUDA graph where train.cuda_graphs allows it
     step = trainer.train_step if trainer else bare_step_fn(cfg, env, precision)
     it = batches(cfg, env, mode, per_rank, trainer, workers)
     clock = Clock(env.device)
     first = first_step_seconds(step, it, clock)
     data, compute = measure(step, it, clock, steps, warmup)
+    busy = busy_fraction(step, it, env.device)
     comm_wait = 0.0
-    if trainer is not None and env.distributed:
+    # the all-reduce wait: the same steps under no_sync, eagerly (a replayed graph keeps its all-reduce)
+    if trainer is not None and env.distributed and not trainer.step.captured:
         # the same steps without the gradient all-reduce: the difference is the time spent waiting for it
         with trainer.ddp.no_sync():
             _, local = measure(step, it, clock, steps, 1)
@@ -146,8 +191,11 @@ def run(cfg, env, mode: str, steps: int, warmup: int, workers: int) -> dict:
         "global_batch": cfg.train.batch_size,
         "compile": cfg.train.compile,
         "ema": cfg.train.ema_decay > 0 and mode == "trainer",
+        "step": how if trainer else "eager",
+        "capture_s": trainer.capture_s if trainer else 0.0,
         "steps": steps,
         "first_step_s": first,
+        "gpu_busy": busy,
         "images_per_s": images_per_s,
         "images_per_s_per_rank": images_per_s / env.world_size,
         "step_ms": {
@@ -170,6 +218,36 @@ def run(cfg, env, mode: str, steps: int, warmup: int, workers: int) -> dict:
     }
 
 
+def sweep(cfg, env, per_gpu: list[int], steps: int, warmup: int) -> dict:
+    """The trainer at each per-GPU batch, eager (train.cuda_graphs=off) and as configured (captured where it
+    can be): what 1, 2, 4, 8 GPUs get of a global batch of 512 is 512, 256, 128, 64 each."""
+    data = load_splits(cfg.data, env.device)
+    warm = copy.deepcopy(cfg)  # one untimed run first: the process's first steps pay for its thread pools,
+    warm.train.batch_size, warm.train.cuda_graphs = per_gpu[0] * env.world_size, "off"  # allocator, libraries
+    run(warm, env, "trainer", 1, 1, 0, data)
+    runs = []
+    for batch in per_gpu:
+        for setting in ("off", cfg.train.cuda_graphs):
+            c = copy.deepcopy(cfg)
+            c.train.batch_size, c.train.cuda_graphs = batch * env.world_size, setting
+            runs.append(run(c, env, "trainer", steps, warmup, 0, data))
+            if env.device.type == "cuda":
+                torch.cuda.empty_cache()  # the graphs' memory pools of this run
+    return {"sweep": runs}
+
+
+def sweep_table(result: dict) -> str:
+    lines = [f"{'per-GPU batch':>13}  {'step':<10}  {'images/s':>10}  {'step ms':>8}  {'GPU busy':>8}"]
+    for r in result["sweep"]:
+        busy = f"{100 * r['gpu_busy']:.0f}%" if r["gpu_busy"] else "n/a"
+        kind = "captured" if r["step"].startswith("captured") else "eager"
+        lines.append(
+            f"{r['global_batch'] // r['world_size']:>13}  {kind:<10}  {r['images_per_s']:>10.0f}  "
+            f"{r['step_ms']['total']:>8.2f}  {busy:>8}"
+        )
+    return "\n".join(lines)
+
+
 def table(r: dict) -> str:
     s = r["step_ms"]
     rows = [
@@ -180,9 +258,12 @@ def table(r: dict) -> str:
             f"{r['stem']} stem, {r['image_size']}px, global batch {r['global_batch']}, {r['precision']}"
             + (", compiled" if r["compile"] else ""),
         ),
+        ("step", r["step"]),
+        ("capture s", f"{r['capture_s']:.2f}"),
         ("first step s", f"{r['first_step_s']:.2f}"),
         ("images/s total", f"{r['images_per_s']:.1f}"),
         ("images/s per rank", f"{r['images_per_s_per_rank']:.1f}"),
+        ("GPU busy", f"{100 * r['gpu_busy']:.0f}% of the wall time" if r["gpu_busy"] else "n/a (CPU)"),
         ("step ms: data", f"{s['data']:.2f}"),
         ("step ms: compute", f"{s['compute']:.2f}"),
         ("step ms: all-reduce wait", f"{s['allreduce_wait']:.2f}"),
@@ -223,9 +304,20 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator, workers)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers for --mode torchvision")
     p.add_argument("--out", default="bench.json", help="JSON file (rank 0 writes it)")
+    p.add_argument(
+        "--batches",
+        help="per-GPU batches to sweep, e.g. 64,128,256,512: the trainer at each, eager and captured",
+    )
     args = cli.parse(p, sys.argv[1:] if argv is None else argv)
     if args.steps < 1 or args.warmup < 0 or args.workers < 0:
         cli.usage_error("--steps must be >= 1, --warmup and --workers >= 0")
+    try:
+        batches_arg = [int(b) for b in args.batches.split(",")] if args.batches else []
+        assert all(b >= 2 for b in batches_arg)
+    except (ValueError, AssertionError):
+        cli.usage_error(
+            f"--batches takes per-GPU batch sizes of 2 or more, comma-separated; got {args.batches!r}"
+        )
     try:
         cfg = config.load(args.config, args.overrides, world_size=distributed.detect()["world_size"])
     except config.ConfigError as e:
@@ -238,9 +330,14 @@ def main(argv=None) -> int:
         cli.launch_error(e)
     configure_backends(env.device, cfg.run.deterministic)
     try:
-        result = run(cfg, env, args.mode, args.steps, args.warmup, args.workers)
+        if batches_arg:
+            result = sweep(cfg, env, batches_arg, args.steps, args.warmup)
+            text = sweep_table(result)
+        else:
+            result = run(cfg, env, args.mode, args.steps, args.warmup, args.workers)
+            text = table(result)
         if env.is_main:
-            print(table(result), flush=True)
+            print(text, flush=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return 0
     finally:

@@ -100,3 +100,37 @@ def test_matmul_ceiling_is_measured():
     from resnet_dist.perf import matmul_ceiling_tflops
 
     assert matmul_ceiling_tflops(torch.device("cpu"), n=128, iters=2) > 0
+
+
+def test_sweep_of_per_gpu_batches_in_one_process(tmp_path, data_root, capsys):
+    """--batches: the trainer at each per-GPU batch, eager and as configured (on a CPU, eager both times)."""
+    from resnet_dist import bench
+
+    out = tmp_path / "s.json"
+    assert bench.main(["--batches", "8,16", "--out", str(out), *SHORT, f"data.root={data_root}"]) == 0
+    runs = json.loads(out.read_text())["sweep"]
+    assert [(r["global_batch"], r["step"]) for r in runs] == [
+        (8, "eager (train.cuda_graphs=off)"),
+        (8, "eager (not on a GPU)"),
+        (16, "eager (train.cuda_graphs=off)"),
+        (16, "eager (not on a GPU)"),
+    ]
+    assert all(r["images_per_s"] > 0 and r["gpu_busy"] is None for r in runs)
+    assert capsys.readouterr().out.splitlines()[0].split() == [
+        "per-GPU",
+        "batch",
+        "step",
+        "images/s",
+        "step",
+        "ms",
+        "GPU",
+        "busy",
+    ]
+
+
+def test_gpu_busy_is_the_union_of_kernel_time_over_the_span():
+    from resnet_dist.bench import busy_share
+
+    # kernels at 0-2, 1-3 (overlapping: 3 busy), 6-7; the host's work spans 0-10: 40% busy
+    assert busy_share([(0, 2), (1, 3), (6, 7)], [(0, 10)]) == pytest.approx(0.4)
+    assert busy_share([], [(0, 10)]) is None

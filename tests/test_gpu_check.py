@@ -36,10 +36,16 @@ def test_gpu_check_dry_run(tmp_path):
         "smoke_fp16",
         "fast_bf16_acc",
         "fast_fp16_acc",
+        "fast_bf16_eager_acc",
         "fp16_vs_bf16",
+        "captured_vs_eager",  # on a CPU both eager: the same numbers
+        "fast_time",
+        "fast_wall",
         "two_ranks",  # 2 gloo ranks: logged accuracy = evaluate's on the checkpoint
         "seed224_acc",
-        "bench_trainer_ema",
+        "sweep_64",  # per-GPU batches, eager against captured (on a CPU: eager twice)
+        "sweep_128",
+        "sweep_256",
         "bench_trainer_no_ema",
         "bench_bare",
         "seed224_ours",
@@ -49,11 +55,16 @@ def test_gpu_check_dry_run(tmp_path):
     assert "the same" in judged["smoke_bf16"]
     assert any(line.startswith("selftest: all_reduce self-test") for line in summary)
     assert any(line.startswith("what one GPU cannot test") for line in summary)
+    (forecast,) = [line for line in summary if line.startswith("forecast (a model, not a measurement)")]
+    assert "2 GPUs NVLink" in forecast and "8 GPUs PCIe Gen5" in forecast
     assert re.match(r"gpu_check: (\d+) of \1 figures PASS; done in", summary[-1]), summary[-1]
     results = json.loads((out / "results.json").read_text())
     assert results["dry_run"] is True and results["steps"]["fast_bf16"]["time_split"]["train_s"] > 0
     assert results["checks"]["fp16_vs_bf16"]["value"] == 0.0  # the dry run trains both in fp32
     assert results["steps"]["bench_bare"]["images_per_s"] > 0
+    table = results["forecast"]["table"]
+    assert set(table) == {f"{n}x {link}" for n in (2, 4, 8) for link in ("NVLink", "PCIe Gen5")}
+    assert results["forecast"]["gradient_bytes"] == 4 * 11_175_818  # ResNet-18, cifar stem, 10 classes
 
 
 def test_a_figure_below_its_bound_fails_the_check(tmp_path):
