@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from . import cli, config, distributed
 from .data import MEAN, STD, load_split, load_splits, normalize, prepare
+from .errors import RunError, UsageError
 from .model import build_model, memory_format
 from .optim import autocast_for, configure_backends, make_optimizer, resolve_precision
 from .perf import Clock, device_name, matmul_ceiling_tflops, peak_tflops, train_flops_per_image
@@ -298,7 +299,7 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config")
+    p.add_argument("--config", type=cli.expand_path)
     p.add_argument("--mode", choices=("trainer", "bare", "torchvision"), default="trainer")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, allocator, workers)")
@@ -309,27 +310,21 @@ def main(argv=None) -> int:
         help="per-GPU batches to sweep, e.g. 64,128,256,512: the trainer at each, eager and captured",
     )
     args = cli.parse(p, sys.argv[1:] if argv is None else argv)
-    if args.steps < 1 or args.warmup < 0 or args.workers < 0:
-        cli.usage_error("--steps must be >= 1, --warmup and --workers >= 0")
+    env = None
     try:
-        batches_arg = [int(b) for b in args.batches.split(",")] if args.batches else []
-        assert all(b >= 2 for b in batches_arg)
-    except (ValueError, AssertionError):
-        cli.usage_error(
-            f"--batches takes per-GPU batch sizes of 2 or more, comma-separated; got {args.batches!r}"
-        )
-    try:
+        if args.steps < 1 or args.warmup < 0 or args.workers < 0:
+            raise UsageError("--steps must be >= 1, --warmup and --workers >= 0")
+        try:
+            batches_arg = [int(b) for b in args.batches.split(",")] if args.batches else []
+            assert all(b >= 2 for b in batches_arg)
+        except (ValueError, AssertionError):
+            raise UsageError(
+                f"--batches takes per-GPU batch sizes of 2 or more, comma-separated; got {args.batches!r}"
+            ) from None
         cfg = config.load(args.config, args.overrides, world_size=distributed.detect()["world_size"])
-    except config.ConfigError as e:
-        cli.usage_error(str(e))
-    except distributed.LaunchError as e:  # a launcher variable that is no number (detect())
-        cli.launch_error(e)
-    try:
         env = distributed.setup(cfg.dist.timeout_s, cfg.dist.backend)
-    except distributed.LaunchError as e:
-        cli.launch_error(e)
-    configure_backends(env.device, cfg.run.deterministic)
-    try:
+        cli.setup_logging(env.is_main)
+        configure_backends(env.device, cfg.run.deterministic)
         if batches_arg:
             result = sweep(cfg, env, batches_arg, args.steps, args.warmup)
             text = sweep_table(result)
@@ -340,6 +335,8 @@ def main(argv=None) -> int:
             print(text, flush=True)
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         return 0
+    except (UsageError, RunError) as e:
+        return cli.report(e, env)
     finally:
         distributed.teardown()
 

@@ -9,10 +9,10 @@ sees the old file or the new one, never half of one.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import re
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,43 +20,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import files
 from .distributed import rank0_decides
+from .errors import RunError, UsageError
+
+log = logging.getLogger(__name__)
 
 STEP_FILE = re.compile(r"step-(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be used (missing, truncated, incomplete, another model, not finite): exit 2."""
 
 
-def atomic_write(path: Path, write, tmp: Path | None = None) -> Path:
-    """`write(tmp)`, then fsync it and rename it over `path`: a reader (or a crash) sees the old file or the
-    new one, never half of one; a failed write leaves no temporary behind. The temporary is
-    `.<name>.tmp-<pid>` (no checkpoint suffix) unless `tmp` names another. It gets the permissions a plain
-    open() would give (some writers create their files 0600)."""
-    tmp = tmp or path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+class SaveError(RunError):
+    """A checkpoint that could not be written (a full disk): exit 1; the previous one stays."""
+
+    every_rank = True  # rank 0 tells every rank whether it could write
 
 
 def atomic_save(obj, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)  # in memory first: a failed write then raises the OSError itself (ENOSPC, EIO...),
-    atomic_write(path, lambda tmp: tmp.write_bytes(buf.getbuffer()))  # not torch's "unexpected pos"
+    files.atomic_write(path, lambda tmp: tmp.write_bytes(buf.getbuffer()))  # not torch's "unexpected pos"
 
 
 def save(state: dict, ckpt_dir: Path, step: int, keep: int) -> Path:
@@ -69,7 +55,7 @@ def save(state: dict, ckpt_dir: Path, step: int, keep: int) -> Path:
     except OSError as e:
         previous = next((p.stem for p in step_files(ckpt_dir) if p != path), None)
         kept = f"{previous} is kept" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write {path.stem}: {e.strerror or e}; {kept}") from None
+        raise SaveError(f"could not write {path.stem}: {e.strerror or e}; {kept}") from None
     last_tmp = ckpt_dir / f".last.pt.tmp-{os.getpid()}"
     try:
         os.link(path, last_tmp)  # a second name for the same bytes, swapped in atomically
@@ -223,7 +209,7 @@ def load_newest(ckpt_dir: Path) -> tuple[dict, Path] | None:
             found = (load(path), path)
             break
         except CheckpointError as e:
-            print(f"warning: {e}; trying the previous one", file=sys.stderr, flush=True)
+            log.warning(f"{e}; trying the previous one")
     last = ckpt_dir / "last.pt"
     if last.is_file() and not (found and last.samefile(found[1])):  # normally a second name of the newest
         try:
@@ -231,7 +217,7 @@ def load_newest(ckpt_dir: Path) -> tuple[dict, Path] | None:
             if found is None or state["progress"]["global_step"] > found[0]["progress"]["global_step"]:
                 found = (state, last)
         except CheckpointError as e:
-            print(f"warning: {e}", file=sys.stderr, flush=True)
+            log.warning(str(e))
     return found
 
 
@@ -275,18 +261,6 @@ def set_rng_state(state: dict, gen: torch.Generator) -> bool:
     return True
 
 
-def check_model(state: dict, model_cfg: dict) -> None:
-    """Refuse a checkpoint of another model config (its weights would not fit, or mean something else).
-    model.sync_bn is how BatchNorm is computed, not what the weights are: either way loads."""
-    saved, ours = (
-        {k: v for k, v in m.items() if k != "sync_bn"} for m in (state["config"]["model"], model_cfg)
-    )
-    if saved != ours:
-        raise CheckpointError(
-            f"checkpoint model config {saved} differs from this run's {ours}: refusing to load it"
-        )
-
-
 def restore_rng(rngs: list, rank: int, gen: torch.Generator, fresh_seed: int, say: bool) -> None:
     """Restore this rank's streams from a checkpoint's; a rank without one (added by a resize) or one saved
     on another kind of device gets `fresh_seed`, and on a device change one line says so (when `say`)."""
@@ -295,11 +269,10 @@ def restore_rng(rngs: list, rank: int, gen: torch.Generator, fresh_seed: int, sa
     gen.manual_seed(fresh_seed)
     saved_on = rngs[0].get("augment_device", "cpu") if rngs else gen.device.type
     if say and saved_on != gen.device.type:
-        print(
+        log.info(
             f"note: the checkpoint's augmentation random streams were saved on {saved_on} and cannot be "
             f"restored on {gen.device.type}: reseeded from run.seed and the step (the run goes on, not "
-            "bit-identical to an uninterrupted one)",
-            flush=True,
+            "bit-identical to an uninterrupted one)"
         )
 
 
@@ -338,7 +311,7 @@ def write_on_rank0(state: dict, run_dir: Path | None, step: int, keep: int, env)
     if env.is_main and run_dir is not None:
         try:
             save(state, run_dir / "checkpoints", step, keep)
-        except CheckpointError as e:
+        except SaveError as e:
             error = e
     if not rank0_decides(error is None, env.device):
-        raise error or CheckpointError("rank 0 could not write the checkpoint (its error says why)")
+        raise error or SaveError("rank 0 could not write the checkpoint (its error says why)")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import NoReturn
 
-from . import distributed
+from . import distributed, files
+from .errors import RunError, UsageError
 
 
 def checkpoint_parser(module: str, doc: str, checkpoint_help: str, out_help: str) -> argparse.ArgumentParser:
@@ -29,30 +30,22 @@ def expand_path(text: str) -> Path:
     return Path(os.path.expanduser(text))
 
 
-def folder_problem(folder: Path) -> str | None:
-    """Why files cannot be written into `folder` (made when missing), or None: a part of it that is a file,
-    or the deepest part that exists refusing a file (a nameless probe, gone at once). Creates nothing."""
-    for part in [folder, *folder.parents]:
-        if part.exists() and not part.is_dir():
-            return f"{part} is a file, not a folder"
-        if part.is_dir():
-            try:
-                with tempfile.TemporaryFile(dir=part):
-                    pass
-            except OSError as e:
-                return f"cannot write in {part} ({e.strerror or type(e).__name__})"
-            return None
-    return None
-
-
 def out_folder(text: str, what: str = "--out") -> Path:
-    """An output folder argument: `~` expanded, absolute (what the tools then print), and usable, else exit 2
-    with one line before anything is read or written."""
+    """An output folder argument: `~` expanded, absolute (what the tools then print), and usable, else
+    UsageError before anything is read or written."""
     folder = expand_path(text).absolute()
-    problem = folder_problem(folder)
+    problem = files.folder_problem(folder)
     if problem:
-        usage_error(f"{what} {folder}: {problem}")
+        raise UsageError(f"{what} {folder}: {problem}")
     return folder
+
+
+def checkpoint_file(text: str) -> Path:
+    """A --checkpoint argument: `~` expanded, and a file, else UsageError."""
+    path = expand_path(text)
+    if not path.is_file():
+        raise UsageError(f"no checkpoint file at {path}")
+    return path
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -71,12 +64,6 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     return parser.parse_intermixed_args(argv)
 
 
-def user_path(text: str) -> str:
-    """The `type=` of every path option: a leading `~` expanded, as the shell does not in `--out=~/x` (the
-    config's path keys do the same: config.knob(path=True))."""
-    return os.path.expanduser(text)
-
-
 def fail(msg: str, code: int = 1, quiet: bool = False) -> NoReturn:
     """One line on stderr and exit `code`: 2 for usage, config and launch errors, 1 for run-time failures.
     `quiet`: exit without the line (the ranks other than 0, when rank 0 says it for all)."""
@@ -91,6 +78,28 @@ def usage_error(msg: str) -> NoReturn:
     """A mistake in the command line or config: one line and exit 2. Under a launcher, every rank hits it and
     rank 0 alone says it (distributed.speaks); the others exit 2 quietly."""
     fail(msg, 2, quiet=not distributed.speaks())
+
+
+def setup_logging(is_main: bool) -> None:
+    """The package's one console (resnet_dist/__init__.py), once the rank is known: rank 0 says everything,
+    the other ranks only their errors."""
+    logging.getLogger("resnet_dist").setLevel(logging.INFO if is_main else logging.ERROR)
+
+
+def report(e: UsageError | RunError, env=None) -> int:
+    """The one line of a UsageError or RunError, said once; its exit code. Before the process group exists
+    (`env` None) every process of a launch meets the same error: one says it (distributed.speaks) and the
+    others wait for the launcher to stop them. Afterwards rank 0 says an error every rank holds
+    (`every_rank`), and each rank its own."""
+    if env is None:
+        speaks = distributed.speaks(per_node=isinstance(e, distributed.LaunchError))
+    else:
+        speaks = env.is_main or not e.every_rank
+    if speaks:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    elif env is None:
+        distributed.wait_for_launcher()
+    return e.exit_code
 
 
 def launch_error(e: Exception) -> NoReturn:

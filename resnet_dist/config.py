@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .errors import UsageError
 
-class ConfigError(ValueError):
-    """A usage error in the config: unknown key, wrong type or invalid value."""
+
+class ConfigError(UsageError):
+    """A usage error in the config: unknown key, wrong type or invalid value (exit 2)."""
 
 
 def knob(default, doc: str, choices: tuple = (), check=None, msg: str = "", path: bool = False):
@@ -231,7 +233,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _set(node, dotted: str, value, path: str = "") -> None:
+def set_key(node, dotted: str, value, path: str = "") -> None:
     """Set `dotted` (a.b.c) on the dataclass tree `node`, type-checking the value."""
     head, _, rest = dotted.partition(".")
     key = f"{path}{head}"
@@ -242,11 +244,11 @@ def _set(node, dotted: str, value, path: str = "") -> None:
     current = getattr(node, head)
     if dataclasses.is_dataclass(current):
         if rest:
-            return _set(current, rest, value, key + ".")
+            return set_key(current, rest, value, key + ".")
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' is a section: give a mapping, not {value!r}")
         for k, v in value.items():
-            _set(current, str(k), v, key + ".")
+            set_key(current, str(k), v, key + ".")
         return
     if rest:
         raise ConfigError(f"unknown config key '{key}.{rest}' ('{key}' is not a section)")
@@ -321,14 +323,14 @@ def from_dict(data: dict, cfg: Config | None = None) -> Config:
     """Apply a nested or dotted mapping (a YAML file, a checkpoint's config) over `cfg` (default: the defaults)."""
     cfg = Config() if cfg is None else cfg
     for k, v in data.items():
-        _set(cfg, str(k), v)
+        set_key(cfg, str(k), v)
     return cfg
 
 
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
     """KEY=VALUE overrides over `cfg`, each typed by its key."""
     for text in overrides:
-        _set(cfg, *parse_override(text))
+        set_key(cfg, *parse_override(text))
     return cfg
 
 
@@ -453,22 +455,28 @@ def load(
     return cfg
 
 
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def to_yaml(cfg: Config, docs: bool = False) -> str:
+    """The config as YAML; `docs`: each key's one-line doc (and its allowed values) as a comment beside it."""
+    if not docs:
+        return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    lines = []
 
+    def walk(node, indent: str) -> None:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:")
+                walk(value, indent + "  ")
+                continue
+            text = yaml.safe_dump([value], default_flow_style=True, width=1000).strip()[1:-1]
+            named = f.metadata.get("choices") or ()
+            said = all(str(c) in f.metadata["doc"] for c in named)  # a doc that names them needs no list
+            choices = f" ({' | '.join(map(str, named))})" if named and not said else ""
+            lines.append((f"{indent}{f.name}: {text}", f"# {f.metadata['doc']}{choices}"))
 
-# What a resumed run does with a key whose value differs from the checkpoint's config. Keys not listed are
-# applied from the resume on (epochs, the LR peak and schedule, optimizer settings, augmentation, logging,
-# checkpoint cadence, precision, ...). Refused: they would make the checkpoint's state mean something else.
-REFUSED_ON_RESUME = {
-    "model": "the weights belong to the checkpoint's model",
-    "data.resize": "the model was trained on the checkpoint's input size",
-    "data.train_subset": "the epoch's position and the schedule count batches of the checkpoint's training set",
-    "train.batch_size": "the epoch's position and the schedule count batches of the checkpoint's size",
-}
-KEPT_ON_RESUME = {"run.seed": "the data order and random streams come from the checkpoint"}
-APPLIED_ON_RESUME = ("model.sync_bn",)  # how BatchNorm is computed, not what the weights are
-NOT_COMPARED = ("run.dir", "run.name", "checkpoint.resume")
+    walk(cfg, "")
+    width = max(len(x[0]) for x in lines if isinstance(x, tuple)) + 2
+    return "".join((f"{x[0]:<{width}}{x[1]}" if isinstance(x, tuple) else x) + "\n" for x in lines)
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -482,23 +490,11 @@ def flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume_changes(saved: dict, cfg: Config) -> list[tuple[str, object, object, str]]:
-    """(key, checkpoint's value, this run's value, verdict) for each key that differs; verdict is "applied",
-    "kept" (the checkpoint's value stays, and `cfg` is set to it) or "refused: <why>"."""
-    old, new = flat(saved), flat(cfg.to_dict())
-    changes = []
-    for key in sorted(new):
-        if key in NOT_COMPARED or key not in old or old[key] == new[key]:
-            continue
-        group = next((g for g in REFUSED_ON_RESUME if key == g or key.startswith(g + ".")), None)
-        if key in APPLIED_ON_RESUME:
-            group = None
-        if group:
-            verdict = f"refused: {REFUSED_ON_RESUME[group]}"
-        elif key in KEPT_ON_RESUME:
-            verdict = f"kept: {KEPT_ON_RESUME[key]}"
-            _set(cfg, key, old[key])
-        else:
-            verdict = "applied"
-        changes.append((key, old[key], new[key], verdict))
-    return changes
+def flat_keys(cfg: Config) -> list[str]:
+    """Every key, dotted: run.dir, ..., log.wandb.mode, ..."""
+    return list(flat(cfg.to_dict()))
+
+
+def key_help() -> str:
+    """Every key with its default and doc, for --help."""
+    return to_yaml(Config(), docs=True)

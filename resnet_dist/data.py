@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import shutil
 import signal
-import sys
 import time
 import zlib
 from contextlib import contextmanager
@@ -24,7 +24,10 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from . import lock
-from .rundir import folder_problem
+from .errors import UsageError
+from .files import folder_problem
+
+log = logging.getLogger(__name__)
 
 DEBIAN_MIRROR = "/usr/share/datasets/fashion-mnist"
 # MD5 of the DECOMPRESSED files: Debian recompressed the .gz files, the IDX content is the original.
@@ -50,7 +53,7 @@ MEAN, STD = 0.2860, 0.3530
 SPLIT_SIZE = {"train": 60000, "test": 10000}
 
 
-class DataError(RuntimeError):
+class DataError(UsageError):
     """The dataset cannot be prepared or is corrupt."""
 
 
@@ -106,9 +109,7 @@ def prepare(root: str, mirror: str | None = None) -> Path:
     raw = Path(root) / "FashionMNIST" / "raw"
     try:
         if not _prepared(raw):
-            problem = folder_problem(raw.parent)
-            if problem:
-                raise DataError(f"data.root {root} cannot hold the data: {problem}; choose another data.root")
+            check_root(root)
             raw.parent.mkdir(parents=True, exist_ok=True)
             with (
                 stopped_by_sigterm(),
@@ -128,6 +129,15 @@ def prepare(root: str, mirror: str | None = None) -> Path:
         where = f" ({e.filename})" if e.filename else ""
         raise DataError(f"data.root {root} is not usable: {e.strerror or e}{where}") from None
     return raw
+
+
+def check_root(root: str) -> None:
+    """data.root holds the prepared data, or is a folder it can be prepared in (made when missing); else
+    DataError in one line naming the key. Creates nothing: the entry points call it before any other work."""
+    raw = Path(root) / "FashionMNIST" / "raw"
+    problem = None if _prepared(raw) else folder_problem(raw.parent)
+    if problem:
+        raise DataError(f"data.root {root} cannot hold the data: {problem}; choose another data.root")
 
 
 def _prepared(raw: Path) -> bool:
@@ -178,7 +188,7 @@ def stopped_by_sigterm():
     try:
         yield
     except _Stop:
-        print("stopped by SIGTERM while preparing the data; nothing was kept", file=sys.stderr, flush=True)
+        log.error("stopped by SIGTERM while preparing the data; nothing was kept")
         raise SystemExit(128 + signal.SIGTERM) from None
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .errors import RunError, UsageError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -76,7 +78,7 @@ def tasks_per_node(spec: str) -> list[int]:
     return counts
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UsageError):
     """A launch mistake: main() prints it as one line (cli.launch_error) and exits 2, before any process
     group exists."""
 
@@ -621,14 +623,16 @@ def broadcast_object(obj, src: int = 0):
     return obj
 
 
-def rank0_first(fn, errors: tuple[type[BaseException], ...]):
-    """fn() on rank 0 alone (the filesystem work of a run), its result broadcast to every rank. When it raises
-    one of `errors`, every rank raises that exception, so all ranks stop together for rank 0's reason."""
+def rank0_first(fn):
+    """fn() on rank 0 alone (the filesystem work of a run), its result broadcast to every rank. When it raises a
+    UsageError or RunError, every rank raises that error (every_rank: rank 0 says it), so all ranks stop
+    together for rank 0's reason."""
     outcome = None
     if not in_group() or dist.get_rank() == 0:
         try:
             outcome = (True, fn())
-        except errors as e:
+        except (UsageError, RunError) as e:
+            e.every_rank = True
             outcome = (False, e)
     ok, value = broadcast_object(outcome)
     if not ok:
@@ -852,8 +856,8 @@ def main(argv=None) -> int:
         return 2
     try:
         self_test()
-    except LaunchError as e:  # from setup(), before any process group exists
-        cli.launch_error(e)
+    except UsageError as e:  # a launch mistake, from setup(), before any process group exists
+        return cli.report(e)
     return 0
 
 

@@ -12,6 +12,7 @@ Rank 0 prints overall and per-class accuracy and the confusion matrix, writes <c
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, cli, config, distributed
-from .data import CLASSES, FILES, DataError, eval_shard, load_split, normalize, prepare
+from . import checkpoint, cli, config, distributed, files
+from .data import CLASSES, check_root, eval_shard, load_split, normalize, prepare
 from .distributed import DistEnv
+from .errors import RunError, UsageError
 from .model import build_model, memory_format
 from .optim import autocast_for, resolve_precision
 
+log = logging.getLogger("resnet_dist.evaluate")  # not __name__: run as __main__ by python -m
 CLASS_KEYS = tuple(c.lower().replace("-", "_").replace("/", "_").replace(" ", "_") for c in CLASSES)
 PANEL_IMAGES, PANEL_SCAN = 16, 256  # up to 16 errors among the first 256 test images: cheap at any size
 
@@ -221,20 +224,6 @@ def checkpoint_config(state: dict, overrides, tool: str = "evaluate") -> config.
     return cfg
 
 
-def check_data_root(root: str) -> None:
-    """Before any work: data.root holds the prepared test set, or is a folder it can be prepared in (made
-    when missing, as training does); else ConfigError in one line naming the key."""
-    raw = Path(root) / "FashionMNIST" / "raw"
-    if all((raw / name).is_file() for name in FILES):
-        return
-    problem = cli.folder_problem(raw.parent)
-    if problem:
-        raise config.ConfigError(
-            f"config key 'data.root' ({root}): {problem}; the test set is not prepared there and cannot be "
-            "(set data.root to the folder that holds FashionMNIST/raw, or to a writable one)"
-        )
-
-
 def report(result: dict, path: Path) -> str:
     """Human-readable: overall and per-class accuracy, then the confusion matrix (rows true, columns predicted)."""
     conf = result["confusion"]
@@ -266,14 +255,14 @@ def write_outputs(result: dict, summary: dict, path: Path, out: Path) -> None:
     print(report(result, path), flush=True)
     json_path, png_path = output_files(path, out)
     text = json.dumps({**summary, "classes": list(CLASSES), "confusion": result["confusion"]}, indent=1)
-    checkpoint.atomic_write(json_path, lambda p: p.write_text(text + "\n"))
+    files.write_text(json_path, text + "\n")
     written = [json_path]
     try:
         from .plots import plot_confusion
 
         written.append(plot_confusion(result["confusion"], png_path, f"{path.name}, step {summary['step']}"))
     except Exception as e:  # noqa: BLE001 - the numbers matter more than the picture
-        print(f"warning: no confusion PNG ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        log.warning(f"no confusion PNG ({type(e).__name__}: {e})")
     print("wrote " + ", ".join(map(str, written)), flush=True)
     print(json.dumps(summary), flush=True)  # the last line: one JSON object for scripts
 
@@ -286,29 +275,22 @@ def main(argv=None) -> int:
         "folder for the JSON and PNG (default: the checkpoint's folder)",
     )
     args = cli.parse(p, sys.argv[1:] if argv is None else argv)
-    path = cli.expand_path(args.checkpoint)
-    if not path.is_file():
-        cli.usage_error(f"no checkpoint file at {path}")
-    out = cli.out_folder(args.out or str(path.parent), "--out" if args.out else "the checkpoint's folder")
-    for f in output_files(path, out):
-        if f.is_dir():
-            cli.usage_error(
-                f"{f} is a folder: evaluate writes a file there (remove it, or choose another --out)"
-            )
+    env = None
     try:
+        path = cli.checkpoint_file(args.checkpoint)
+        out = cli.out_folder(args.out or str(path.parent), "--out" if args.out else "the checkpoint's folder")
+        for f in output_files(path, out):
+            if f.is_dir():
+                raise UsageError(
+                    f"{f} is a folder: evaluate writes a file there (remove it, or choose another --out)"
+                )
         given = check_overrides(args.overrides, "evaluate")  # before the checkpoint: cheaper
         state = checkpoint.load(path)  # weights_only: a crafted file cannot run code
         cfg = checkpoint_config(state, args.overrides)
-        check_data_root(cfg.data.root)
-    except (checkpoint.CheckpointError, config.ConfigError) as e:
-        cli.usage_error(str(e))
-    applied = {k: config.flat(cfg.to_dict())[k] for k in given}
-
-    try:
+        check_root(cfg.data.root)
+        applied = {k: config.flat(cfg.to_dict())[k] for k in given}
         env = distributed.setup(cfg.dist.timeout_s, cfg.dist.backend)
-    except distributed.LaunchError as e:
-        cli.launch_error(e)
-    try:
+        cli.setup_logging(env.is_main)
         raw = prepare(cfg.data.root, cfg.data.mirror)  # one process prepares, under a lock
         test_x, test_y = (t.to(env.device) for t in load_split(raw, "test", cfg.data.test_subset))
         evaluator = Evaluator.from_config(cfg, env.device)
@@ -325,9 +307,8 @@ def main(argv=None) -> int:
             )
             write_outputs(result, summary, path, out)
         return 0
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+    except (UsageError, RunError) as e:
+        return cli.report(e, env)
     finally:
         distributed.teardown()
 

@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, cli, config, exportdir
+from . import checkpoint, cli, config, exportdir, files
 from .data import CLASSES, MEAN, STD, DataError, load_split, normalize, prepare
-from .evaluate import Evaluator, check_data_root, check_overrides, checkpoint_config, load_model
+from .data import check_root as check_data_root
+from .evaluate import Evaluator, check_overrides, checkpoint_config, load_model
 from .model import build_model
 
 FORMATS = ("safetensors", "onnx")
@@ -57,7 +58,7 @@ class ExportError(RuntimeError):
 def atomic_write(path: Path, write) -> Path:
     """checkpoint.atomic_write, with the temporary named `.tmp-<pid>-<name>`: it keeps the file's suffix
     (some writers look at it)."""
-    return checkpoint.atomic_write(path, write, tmp=path.with_name(f".tmp-{os.getpid()}-{path.name}"))
+    return files.atomic_write(path, write, tmp=path.with_name(f".tmp-{os.getpid()}-{path.name}"))
 
 
 def default_out(ckpt: Path) -> Path:

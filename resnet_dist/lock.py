@@ -13,6 +13,7 @@ Release removes the file.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -22,6 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
 HOST = socket.gethostname()
 STALE_S = 60.0  # a heartbeat older than this: its holder is gone
 BEAT_S = 5.0
@@ -29,7 +34,7 @@ SAY_EVERY_S = 30.0  # a waiting process says again who it waits for
 LINE = re.compile(r"(\S+) pid (\d+) since (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?: start (\d+))?")
 
 
-class LockError(RuntimeError):
+class LockError(UsageError):
     pass
 
 
@@ -98,7 +103,7 @@ class Holder:
 
 
 def say_line(msg: str) -> None:
-    print(msg, flush=True)
+    log.info(msg)
 
 
 class Lock:

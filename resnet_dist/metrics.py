@@ -4,6 +4,7 @@ rank 0 gets real loggers, the other ranks a no-op. Loggers only format and send 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -14,8 +15,12 @@ from pathlib import Path
 
 import torch
 
+from . import files
 from .distributed import all_gather_rows, all_reduce_sum
+from .errors import RunError, UsageError
 from .perf import Clock
+
+log = logging.getLogger(__name__)
 
 
 class TrainMeter:
@@ -159,8 +164,10 @@ class TrainMeter:
         self.epoch_steps = state["epoch_steps"]
 
 
-class Diverged(RuntimeError):
+class Diverged(RunError):
     """The loss or the weights stopped being finite; every rank raises it at the same step."""
+
+    every_rank = True
 
 
 class LossGuard:
@@ -250,7 +257,7 @@ class JsonlLogger(NullLogger):
         self.f.close()
 
 
-class MetricsError(RuntimeError):
+class MetricsError(UsageError):
     """metrics.jsonl is damaged where a crash cannot have damaged it (not its last line)."""
 
 
@@ -271,15 +278,11 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
                     f"{path} line {number} is not JSON (damaged by hand or by a tool): repair or delete that "
                     "line, or start over with checkpoint.resume=never"
                 ) from None
-            print(
-                f"warning: dropped the torn last line of {path} (a crash while writing it)", file=sys.stderr
-            )
+            log.warning(f"dropped the torn last line of {path} (a crash while writing it)")
             break
         if record.get("step", 0) <= last_step:
             keep.append(line + "\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    files.write_text(path, "".join(keep))
 
 
 def fmt(value: float | None) -> str:
@@ -293,11 +296,10 @@ class ConsoleLogger(NullLogger):
     def log(self, record: dict, media: EpochMedia | None = None) -> None:
         if record.get("kind") != "epoch":
             return
-        print(
+        log.info(
             f"epoch {record['epoch'] + 1} step {record['step']}: train loss {fmt(record['train/loss'])} "
             f"acc {fmt(record['train/acc'])} | test loss {record['test/loss']:.4f} acc {record['test/acc']:.4f} "
-            f"({record['test/samples']} images) | {record['images_per_s']:.0f} img/s",
-            flush=True,
+            f"({record['test/samples']} images) | {record['images_per_s']:.0f} img/s"
         )
 
 

@@ -3,14 +3,16 @@ meets the device: memory format and torch.compile."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import sys
 import sysconfig
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
 
 
 class Residual(nn.Module):
@@ -118,10 +120,8 @@ def compiled(module: nn.Module, device: torch.device, warn: bool) -> nn.Module:
     if missing is None:
         return torch.compile(module)
     if warn:
-        print(
-            f"warning: train.compile=true needs a compiler toolchain, but there is {missing}: training "
-            "without torch.compile (install gcc, g++ and python3-dev, or set train.compile=false)",
-            file=sys.stderr,
-            flush=True,
+        log.warning(
+            f"train.compile=true needs a compiler toolchain, but there is {missing}: training "
+            "without torch.compile (install gcc, g++ and python3-dev, or set train.compile=false)"
         )
     return module

@@ -18,8 +18,9 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from . import cli  # noqa: E402
+from . import cli, files  # noqa: E402
 from .data import CLASSES  # noqa: E402
+from .errors import UsageError  # noqa: E402
 
 
 def epoch_records(metrics_path: Path) -> list[dict]:
@@ -87,10 +88,8 @@ def confusion_figure(confusion: list[list[int]], title: str = "test confusion ma
 
 def _save(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    files.atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # a reader never sees half
     plt.close(fig)
-    tmp.replace(out)  # a reader never sees half a PNG
     return out
 
 
@@ -121,20 +120,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from . import checkpoint
 
-    path = cli.expand_path(args.checkpoint)
-    if not path.is_file():
-        cli.usage_error(f"no checkpoint file at {path}")
-    run_dir = path.resolve().parent.parent  # <run_dir>/checkpoints/<file>
-    out = cli.out_folder(args.out or str(run_dir), "--out" if args.out else "the run directory")
-    for f in (out / "curves.png", out / "confusion.png"):
-        if f.is_dir():
-            cli.usage_error(
-                f"{f} is a folder: plots writes a file there (remove it, or choose another --out)"
-            )
     try:
+        path = cli.checkpoint_file(args.checkpoint)
+        run_dir = path.resolve().parent.parent  # <run_dir>/checkpoints/<file>
+        out = cli.out_folder(args.out or str(run_dir), "--out" if args.out else "the run directory")
+        for f in (out / "curves.png", out / "confusion.png"):
+            if f.is_dir():
+                raise UsageError(
+                    f"{f} is a folder: plots writes a file there (remove it, or choose another --out)"
+                )
         state = checkpoint.load(path)
-    except checkpoint.CheckpointError as e:
-        cli.usage_error(str(e))
+    except UsageError as e:
+        return cli.report(e)
     written = write_run_plots(run_dir, state.get("history") or [], out)
     for w in written:
         print(f"wrote {w}")

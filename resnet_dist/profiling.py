@@ -7,10 +7,13 @@ spent in communication. Off by default: the Trainer then holds a NoProfiler, who
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity
+
+log = logging.getLogger(__name__)
 
 COMM_OPS = ("all_reduce", "allreduce", "all_gather", "allgather", "broadcast", "nccl", "gloo")
 
@@ -62,8 +65,8 @@ class StepProfiler(NoProfiler):
         path = self.out / f"rank{self.rank}.pt.trace.json"
         prof.export_chrome_trace(str(path))
         if self.is_main:
-            print(summary(prof, self.cuda), flush=True)
-            print(f"profile: one trace per rank in {self.out} (open in https://ui.perfetto.dev)", flush=True)
+            log.info(summary(prof, self.cuda))
+            log.info(f"profile: one trace per rank in {self.out} (open in https://ui.perfetto.dev)")
 
 
 def summary(prof, cuda: bool) -> str:

@@ -3,15 +3,18 @@ that keeps a second run out of it, and setting an earlier run's files aside."""
 
 from __future__ import annotations
 
-import errno
 import itertools
+import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
-from . import lock
-from .checkpoint import STEP_FILE
+from . import checkpoint, distributed, files, lock
+from .config import Config, to_yaml
+from .errors import RunError, UsageError
+from .metrics import truncate_jsonl
+
+log = logging.getLogger(__name__)
 
 TORCHRUN_MARK = ".torchrun_id"  # in a run directory: the id of the torchrun job that made it
 LOCK_FILE = ".lock"
@@ -21,7 +24,7 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", TORCHRUN_MARK, "curves.png", "confu
 RUN_FOLDERS = ("checkpoints", "tensorboard", "profile", "export")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UsageError):
     """The run directory cannot be used (a file in the way, not writable, held by another run): exit 2."""
 
 
@@ -50,57 +53,17 @@ def slurm_job_name(env=os.environ) -> str | None:
     return env.get("SLURM_JOB_ID") or None
 
 
-def folder_problem(target: Path) -> str | None:
-    """Why files cannot be written into the folder `target` (made later where missing), or None: every existing
-    part of it is a folder, each missing part's name fits the filesystem, and the deepest existing part takes a
-    file (a probe, removed at once). Creates nothing."""
-    missing = []
-    for part in [target, *target.parents]:
-        try:
-            exists = part.exists()
-        except OSError as e:
-            if e.errno != errno.ENAMETOOLONG:  # a name too long is said below, with the limit
-                return f"cannot look at {part} ({e.strerror})"
-            exists = False
-        if not exists:
-            missing.append(part.name)
-            continue
-        if not part.is_dir():
-            return f"{part} is a file, not a folder"
-        limit = name_max(part)
-        for name in missing:
-            if len(os.fsencode(name)) > limit:
-                return (
-                    f"the folder name '{name[:20]}...' is {len(os.fsencode(name))} bytes long; the filesystem "
-                    f"of {part} takes names of at most {limit}"
-                )
-        try:
-            with tempfile.TemporaryFile(dir=part):
-                pass
-        except OSError as e:
-            return f"cannot write in {part} ({e.strerror})"
-        return None
-    return None
-
-
-def name_max(folder: Path) -> int:
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
-
-
 def check_writable(run_dir: Path) -> None:
     """Before anything is written: run_dir/checkpoints can be made and written (folder_problem), and nothing
     that is not a file stands where the run writes or reads one (a folder named last.pt, a .lock that is
     a folder), nor a file where it makes a folder. Creates nothing."""
-    problem = folder_problem(run_dir / "checkpoints")
+    problem = files.folder_problem(run_dir / "checkpoints")
     if problem:
         raise RunDirError(f"{problem}: choose another run.dir or run.name")
     ckpts = run_dir / "checkpoints"
     written = [run_dir / name for name in (*RUN_FILES, LOCK_FILE)]
     if ckpts.is_dir():
-        written += [p for p in ckpts.iterdir() if p.name == "last.pt" or STEP_FILE.match(p.name)]
+        written += [p for p in ckpts.iterdir() if p.name == "last.pt" or checkpoint.STEP_FILE.match(p.name)]
     for path in written:
         if os.path.lexists(path) and not path.is_file():
             raise RunDirError(
@@ -178,3 +141,70 @@ class RunLock:
             except OSError:
                 break
         self.made = []
+
+
+def open_run(cfg: Config, env: distributed.DistEnv, run_dir: Path):
+    """Rank 0 checks that the run directory is writable, locks it and picks the checkpoint to resume from;
+    every rank gets the same outcome (or the same error). Returns (lock, state): the lock on rank 0 (None
+    elsewhere) and the loaded checkpoint or None for a fresh start. Writes nothing but the lock (and the run
+    directory when missing: a refused run's release removes both)."""
+    held, loaded = [], []  # rank 0's lock and loaded checkpoint: only the path is broadcast
+
+    def on_rank0():
+        check_writable(run_dir)
+        held.append(RunLock(run_dir).acquire())
+        ckpts = run_dir / "checkpoints"
+        if cfg.checkpoint.resume == "never":
+            return None
+        if cfg.checkpoint.resume != "auto":
+            loaded.append(checkpoint.load(Path(cfg.checkpoint.resume)))
+            return cfg.checkpoint.resume
+        found = checkpoint.load_newest(ckpts)
+        if found is None and checkpoint.any_checkpoint(ckpts):
+            raise RunDirError(
+                f"{ckpts} holds checkpoints but none of them loads: resume from one with "
+                "checkpoint.resume=PATH, or start over them with checkpoint.resume=never"
+            )
+        loaded.extend(found[:1] if found else [])
+        return str(found[1]) if found else None
+
+    try:
+        path = distributed.rank0_first(on_rank0)
+    except BaseException:
+        for lock in held:
+            lock.release()
+        raise
+    state = loaded[0] if loaded else (checkpoint.load(Path(path)) if path else None)
+    return (held[0] if held else None), state
+
+
+def continues(cfg: Config, run_dir: Path, state: dict | None) -> bool:
+    """Whether this run goes on from the run directory's own checkpoints (not a fresh start, nor a resume
+    from another directory's checkpoint)."""
+    if state is None:
+        return False
+    if cfg.checkpoint.resume == "auto":
+        return True
+    return Path(cfg.checkpoint.resume).resolve().parent == (run_dir / "checkpoints").resolve()
+
+
+def write_run_files(cfg: Config, run_dir: Path, state: dict | None) -> None:
+    """Rank 0, once the run is decided: config.yaml (what actually runs), metrics.jsonl cut back to the
+    checkpoint, torchrun's run id. A run that does not continue this directory's checkpoints first sets the
+    earlier run's files aside, where no resume finds them and no rotation deletes the new ones."""
+    if continues(cfg, run_dir, state):
+        truncate_jsonl(run_dir / "metrics.jsonl", state["progress"]["global_step"])
+    else:
+        aside = set_aside(run_dir)
+        if aside is not None:
+            log.info(
+                f"starting over: the earlier run's files in this directory (checkpoints, metrics.jsonl, ...) are "
+                f"now in {aside.relative_to(run_dir)}/, where nothing resumes from them"
+            )
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        files.write_text(run_dir / "config.yaml", to_yaml(cfg))
+        if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+            files.write_text(run_dir / TORCHRUN_MARK, os.environ["TORCHELASTIC_RUN_ID"])
+    except OSError as e:
+        raise RunError(f"cannot write the run's files in {run_dir}: {e.strerror or e}") from None

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import RunError, UsageError
+
 WARMUP_STEPS = 3  # eager steps before a capture: cuDNN's algorithm search, momentum buffers, the allocator
 WARMUP_STEPS_DDP = 11  # DDP needs at least 11 eager iterations before a capture (PyTorch's CUDA graph notes)
 # how far a captured step may be from an eager one (relative L2 of the loss, gradients, update, statistics):
@@ -29,13 +31,13 @@ WARMUP_STEPS_DDP = 11  # DDP needs at least 11 eager iterations before a capture
 TOLERANCE = {"bf16": 2e-2, "fp32": 1e-3}
 
 
-class CaptureError(RuntimeError):
-    """The step cannot be captured here, or the captured step disagrees with the eager one."""
+class CaptureError(RunError):
+    """The capture failed, or the captured step disagrees with the eager one: under `on`, exit 1."""
 
 
 def plan(setting: str, graphs: bool, precision: str, world_size: int, backend: str | None, cfg) -> str | None:
     """Why the step stays eager under `train.cuda_graphs=setting`, or None: capture it. `graphs`: whether this
-    device has CUDA graphs. Raises CaptureError for `on` where capture cannot work (exit 2 before the run)."""
+    device has CUDA graphs. Raises UsageError for `on` where capture cannot work (exit 2 before the run)."""
     if setting == "off":
         return "train.cuda_graphs=off"
     reasons = [
@@ -50,7 +52,7 @@ def plan(setting: str, graphs: bool, precision: str, world_size: int, backend: s
     ]
     why = next((text for bad, text in reasons if bad), None)
     if why and setting == "on":
-        raise CaptureError(f"train.cuda_graphs=on cannot capture this run ({why}): use auto or off")
+        raise UsageError(f"train.cuda_graphs=on cannot capture this run ({why}): use auto or off")
     if why is None and world_size > 1 and setting == "auto":
         why = "several GPUs: capture under DDP is not yet verified on 2+ GPUs (train.cuda_graphs=on tries it)"
     return why

@@ -7,10 +7,12 @@ reader then drops what the interrupted run logged after that step, so no step sh
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 from .metrics import EpochMedia, NullLogger, scalars
+
+log = logging.getLogger(__name__)
 
 
 def start(run_dir: Path, resumed_step: int | None):
@@ -18,11 +20,7 @@ def start(run_dir: Path, resumed_step: int | None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        print(
-            f"warning: log.tensorboard=true but TensorBoard is not installed ({e}): pip install tensorboard",
-            file=sys.stderr,
-            flush=True,
-        )
+        log.warning(f"log.tensorboard=true but TensorBoard is not installed ({e}): pip install tensorboard")
         return None
     purge = resumed_step + 1 if resumed_step is not None else None  # the first step logged again
     return TensorBoardLogger(SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge))

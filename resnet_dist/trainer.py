@@ -8,7 +8,7 @@ group, so `fit()` runs in a test on a few synthetic tensors.
 from __future__ import annotations
 
 import enum
-import sys
+import logging
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,6 +24,8 @@ from .evaluate import Evaluator, GraphedEvaluation
 from .metrics import EpochMedia, LossGuard, NullLogger, TrainMeter, fmt, progress_bar
 from .model import build_model, compiled, memory_format
 from .profiling import NoProfiler
+
+log = logging.getLogger(__name__)
 
 
 class Outcome(enum.Enum):
@@ -149,8 +151,7 @@ class Trainer:
             if self.cfg.train.cuda_graphs == "on":
                 raise
             part = "evaluation" if self.step.captured else "step"
-            if self.env.is_main:
-                print(f"warning: the {part} runs eagerly: {e}", file=sys.stderr, flush=True)
+            log.warning(f"the {part} runs eagerly: {e}")
             how = "captured, evaluation eager" if self.step.captured else f"eager (the capture failed: {e})"
         finally:
             self.gen.set_state(rng)
@@ -265,9 +266,7 @@ class Trainer:
         self.preemption.drain()
         if not saved:
             self.save()
-        if self.env.is_main:
-            step = self.global_step
-            print(f"preempted: checkpoint saved at step {step}; the same command resumes", flush=True)
+        log.info(f"preempted: checkpoint saved at step {self.global_step}; the same command resumes")
         return Outcome.PREEMPTED
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -298,7 +297,6 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        checkpoint.check_model(state, self.cfg.to_dict()["model"])
         self.model.load_state_dict(state["model"])
         if state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])

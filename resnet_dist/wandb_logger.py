@@ -15,18 +15,20 @@ With `log.wandb.log_model`, a finished run also logs its exported weights and mo
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import secrets
 import shutil
 import socket
 import string
-import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
 from .data import CLASSES
 from .metrics import EpochMedia, NullLogger, scalars
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
@@ -36,7 +38,7 @@ def warn(msg: str, env=os.environ) -> None:
     key = env.get("WANDB_API_KEY")
     if key:
         msg = msg.replace(key, "***")
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
+    log.warning(msg)
 
 
 def one_line(e: BaseException) -> str:
@@ -123,7 +125,7 @@ def start(cfg, run_dir: Path, run_name: str, run_id: str | None = None, env=os.e
                     settings=wandb.Settings(init_timeout=w.init_timeout_s, silent=True),
                     **kwargs,
                 )
-                print(f"wandb: online run {run.url}", flush=True)
+                log.info(f"wandb: online run {run.url}")
                 return WandbLogger(run, offline=False)
             except Exception as e:  # noqa: BLE001 - no network, bad key, timeout: all mean "log offline"
                 failed = one_line(e)
@@ -136,7 +138,7 @@ def start(cfg, run_dir: Path, run_name: str, run_id: str | None = None, env=os.e
     if failed:
         warn(f"W&B online logging failed ({failed}); logging offline to {Path(run.dir).parent} instead", env)
     else:
-        print(f"wandb: logging offline to {Path(run.dir).parent}", flush=True)
+        log.info(f"wandb: logging offline to {Path(run.dir).parent}")
     return WandbLogger(run, offline=True)
 
 
@@ -215,10 +217,7 @@ class WandbLogger(NullLogger):
         except Exception as e:  # noqa: BLE001 - the run's result is on disk either way
             warn(f"W&B could not log the model artifact ({one_line(e)})")
             return False
-        print(
-            f"wandb: logged the model artifact model-{self.id} ({', '.join(artifact.manifest.entries)})",
-            flush=True,
-        )
+        log.info(f"wandb: logged the model artifact model-{self.id} ({', '.join(artifact.manifest.entries)})")
         return True
 
     def close(self) -> None:
@@ -230,4 +229,4 @@ class WandbLogger(NullLogger):
             warn(f"W&B could not finish the run cleanly ({one_line(e)})")
         self.run = None
         if self.offline:
-            print(f"wandb: offline run saved; upload it with: wandb sync {self.sync_dir}", flush=True)
+            log.info(f"wandb: offline run saved; upload it with: wandb sync {self.sync_dir}")

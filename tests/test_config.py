@@ -161,6 +161,24 @@ def test_print_config_exits_0_without_training(tmp_path):
     assert proc.returncode == 0
     assert yaml.safe_load(proc.stdout)["train"]["lr"] == 0.2
     assert not (tmp_path / "runs").exists()
+    # every key with its doc beside it, and its allowed values where the doc does not name them
+    lines = proc.stdout.splitlines()
+    assert any(x.startswith("  lr: 0.2 ") and x.endswith("# peak learning rate") for x in lines)
+    assert any(x.startswith("  cuda_graphs: auto ") and "(auto | on | off)" not in x for x in lines)
+    assert any(x.startswith("  grad_compression: none") and "bf16" in x for x in lines)
+    assert sum("#" in x for x in lines) == len(config.flat_keys(config.Config()))
+
+
+def test_help_lists_every_key_with_its_doc(capsys):
+    from resnet_dist import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for key in config.flat_keys(config.Config()):
+        assert f" {key.rsplit('.', 1)[-1]}: " in out, key
+    assert "# deterministic kernels only" in out and "# W&B project" in out
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import torch
 
 from resnet_dist import step
 from resnet_dist.config import load as load_config
+from resnet_dist.errors import UsageError
 from resnet_dist.evaluate import GraphedEvaluation
 from resnet_dist.trainer import Outcome, Trainer
 
@@ -134,7 +135,7 @@ def test_when_the_step_is_captured(setting, gpu, precision, world, backend, extr
     ],
 )
 def test_on_refuses_what_cannot_be_captured(gpu, precision, world, backend, extra):
-    with pytest.raises(step.CaptureError, match="train.cuda_graphs=on cannot capture this run"):
+    with pytest.raises(UsageError, match="train.cuda_graphs=on cannot capture this run"):
         step.plan("on", gpu, precision, world, backend, load_config(None, list(extra)))
 
 

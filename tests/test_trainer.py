@@ -419,11 +419,15 @@ def test_sync_bn_checkpoints_load_either_way():
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(back.eval()(x), plain.eval()(x)) and torch.equal(synced.eval()(x), plain(x))
-    # a checkpoint of either kind passes the model check of a run of the other kind
-    state = {"config": {"model": {**ModelConfig().__dict__, "sync_bn": True}}}
-    checkpoint.check_model(state, {**ModelConfig().__dict__, "sync_bn": False})
-    with pytest.raises(checkpoint.CheckpointError):
-        checkpoint.check_model(state, {**ModelConfig().__dict__, "stem": "cifar"})
+    # a checkpoint of either kind resumes in a run of the other kind; another stem is refused
+    from resnet_dist import resume
+
+    saved = load_config(None, ["model.sync_bn=true"]).to_dict()
+    assert resume.changes(saved, load_config(None, [])) == [("model.sync_bn", True, False, "applied")]
+    ((key, *_, verdict),) = resume.changes(
+        saved, load_config(None, ["model.sync_bn=true", "model.stem=cifar"])
+    )
+    assert key == "model.stem" and verdict.startswith("refused")
 
 
 def test_deterministic_mode_sets_every_switch(monkeypatch):
