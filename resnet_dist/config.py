@@ -336,10 +336,10 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Checks that span several keys, or look at the filesystem."""
-    t = cfg.train
-    if t.nesterov and t.momentum <= 0:
+    train = cfg.train
+    if train.nesterov and train.momentum <= 0:
         raise ConfigError("config key 'train.nesterov' needs train.momentum > 0")
-    if t.schedule == "constant" and t.warmup > 0:
+    if train.schedule == "constant" and train.warmup > 0:
         raise ConfigError("config key 'train.warmup' needs train.schedule onecycle or cosine")
     if cfg.checkpoint.resume not in ("auto", "never") and not os.path.isfile(cfg.checkpoint.resume):
         raise ConfigError(f"config key 'checkpoint.resume': no checkpoint file at {cfg.checkpoint.resume!r}")
@@ -352,34 +352,34 @@ TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split
 
 def check_world(cfg: Config, world_size: int) -> None:
     """Checks that need the world size, which the entry point learns from the launcher (config stays a leaf)."""
-    t = cfg.train
-    if t.batch_size % world_size:
+    train = cfg.train
+    if train.batch_size % world_size:
         raise ConfigError(
-            f"config key 'train.batch_size' ({t.batch_size}) must be divisible by the world size "
+            f"config key 'train.batch_size' ({train.batch_size}) must be divisible by the world size "
             f"({world_size})"
         )
-    per_rank = t.batch_size // world_size
-    if per_rank % t.accum_steps:
+    per_rank = train.batch_size // world_size
+    if per_rank % train.accum_steps:
         raise ConfigError(
-            f"config key 'train.accum_steps' ({t.accum_steps}) must divide the per-rank batch ({t.batch_size} "
+            f"config key 'train.accum_steps' ({train.accum_steps}) must divide the per-rank batch ({train.batch_size} "
             f"over {world_size} ranks = {per_rank})"
         )
-    if per_rank // t.accum_steps < 2:
+    if per_rank // train.accum_steps < 2:
         where = f"per rank on {world_size} ranks"
         key = "train.batch_size"
-        if t.accum_steps > 1:
+        if train.accum_steps > 1:
             where, key = (
-                f"per micro-batch ({per_rank} per rank in {t.accum_steps} micro-batches)",
+                f"per micro-batch ({per_rank} per rank in {train.accum_steps} micro-batches)",
                 "train.accum_steps",
             )
         raise ConfigError(
-            f"config key '{key}' ({getattr(t, key.split('.')[1])}) gives {per_rank // t.accum_steps} image {where}: "
+            f"config key '{key}' ({getattr(train, key.split('.')[1])}) gives {per_rank // train.accum_steps} image {where}: "
             "BatchNorm cannot train on one image; use at least 2"
         )
     images = min(cfg.data.train_subset or TRAIN_IMAGES, TRAIN_IMAGES)
     if per_rank > images // world_size:
         raise ConfigError(
-            f"config key 'train.batch_size' ({t.batch_size}) needs {per_rank} training images per rank, but "
+            f"config key 'train.batch_size' ({train.batch_size}) needs {per_rank} training images per rank, but "
             f"{images} images give each of {world_size} rank(s) {images // world_size}: lower the batch or "
             "raise data.train_subset"
         )

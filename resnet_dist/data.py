@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from . import lock
+from .config import Config, DataConfig
 from .errors import UsageError
 from .files import folder_problem
 
@@ -266,10 +267,10 @@ class TrainBatches:
     rank: int
     world_size: int
     seed: int
-    cfg: object  # DataConfig
+    cfg: DataConfig
 
     @classmethod
-    def for_rank(cls, data: Splits, cfg, rank: int, world_size: int) -> TrainBatches:
+    def for_rank(cls, data: Splits, cfg: Config, rank: int, world_size: int) -> TrainBatches:
         """This rank's share of each global batch of `cfg.train.batch_size` (`cfg` is the whole Config)."""
         return cls(
             data.train_x,
@@ -317,7 +318,7 @@ class Splits:
     test_y: torch.Tensor
 
 
-def load_splits(cfg, device: torch.device) -> Splits:
+def load_splits(cfg: DataConfig, device: torch.device) -> Splits:
     """Prepare the dataset (once per filesystem) and put both splits on `device` (`cfg` is a DataConfig)."""
     raw = prepare(cfg.root, cfg.mirror)
     train, test = load_split(raw, "train", cfg.train_subset), load_split(raw, "test", cfg.test_subset)

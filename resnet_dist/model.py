@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .config import ModelConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -72,8 +74,8 @@ class GlobalAvgPool(nn.Module):
         return x.mean((2, 3), keepdim=True)
 
 
-def build_model(cfg) -> nn.Sequential:
-    """ResNet-18 for 1-channel images (`cfg` is a ModelConfig)."""
+def build_model(cfg: ModelConfig) -> nn.Sequential:
+    """ResNet-18 for 1-channel images."""
     net = nn.Sequential(
         stem(cfg.stem),
         resnet_block(64, 64, 2, first_block=True),

@@ -11,6 +11,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from .config import TrainConfig
+
 
 def resolve_precision(requested: str, device: torch.device, env=os.environ) -> str:
     """`auto`: what accelerate asked for, else bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
@@ -58,17 +60,20 @@ def optimizer_impl(device: torch.device, precision: str) -> dict:
 
 
 def make_optimizer(
-    model: nn.Module, t, device: torch.device, precision: str, lr_tensor: bool = False
+    model: nn.Module, train: TrainConfig, device: torch.device, precision: str, lr_tensor: bool = False
 ) -> torch.optim.Optimizer:
     """SGD; BatchNorm weights and biases (all 1-d parameters) get no weight decay. `lr_tensor`: the LR lives in
     one device tensor shared by both groups, which a captured step reads at each replay (the fused kernel reads
     it on the device; the foreach one would read it on the host, a sync: so it needs the fused SGD)."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     impl = {"fused": True, "foreach": None} if lr_tensor else optimizer_impl(device, precision)
-    lr = torch.tensor(t.lr, device=device) if lr_tensor else t.lr
-    return torch.optim.SGD(groups, lr=lr, momentum=t.momentum, nesterov=t.nesterov, **impl)
+    lr = torch.tensor(train.lr, device=device) if lr_tensor else train.lr
+    return torch.optim.SGD(groups, lr=lr, momentum=train.momentum, nesterov=train.nesterov, **impl)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -80,26 +85,26 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
         group.update(flags)
 
 
-def apply_settings(optimizer: torch.optim.Optimizer, t) -> None:
+def apply_settings(optimizer: torch.optim.Optimizer, train: TrainConfig) -> None:
     """This run's momentum and weight decay over a loaded checkpoint's (load_state_dict restores the saving
     run's). The learning rate needs nothing: `Schedule` sets it from this run's config at every step."""
     decay, _ = optimizer.param_groups
-    decay["weight_decay"] = t.weight_decay
+    decay["weight_decay"] = train.weight_decay
     for group in optimizer.param_groups:
-        group.update(momentum=t.momentum, nesterov=t.nesterov)
+        group.update(momentum=train.momentum, nesterov=train.nesterov)
 
 
-def lr_factor(t, total_steps: int):
+def lr_factor(train: TrainConfig, total_steps: int):
     """Multiplier of the peak LR at each step: constant, onecycle (linear up, linear down) or warmup + cosine."""
-    warm = max(1, round(t.warmup * total_steps)) if t.warmup > 0 else 0
+    warm = max(1, round(train.warmup * total_steps)) if train.warmup > 0 else 0
 
     def factor(step: int) -> float:
-        if t.schedule == "constant":
+        if train.schedule == "constant":
             return 1.0
         if step < warm:
             return (step + 1) / warm
         frac = (step - warm) / max(1, total_steps - warm)
-        if t.schedule == "onecycle":
+        if train.schedule == "onecycle":
             return max(0.0, 1.0 - frac)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
 
@@ -115,8 +120,8 @@ class Schedule:
     whether the optimizer stepped: a step that fp16's loss scaler skips still consumed its batch and counts.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, t, total_steps: int):
-        self.optimizer, self.peak, self.factor = optimizer, t.lr, lr_factor(t, total_steps)
+    def __init__(self, optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
+        self.optimizer, self.peak, self.factor = optimizer, train.lr, lr_factor(train, total_steps)
 
     def at(self, step: int) -> float:
         return self.peak * self.factor(step)

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from .config import Config
 from .model import build_model
 
 # Dense peak TFLOP/s per GPU, from the vendor datasheets (the 2:4-sparsity figures halved):
@@ -67,7 +68,7 @@ def matmul_ceiling_tflops(device: torch.device, n: int = 8192, iters: int = 20) 
     return 2 * n**3 * iters / secs / 1e12
 
 
-def train_flops_per_image(cfg) -> float:
+def train_flops_per_image(cfg: Config) -> float:
     """FLOPs of one training step (forward + backward) per image, counted on the model itself."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -99,7 +100,7 @@ class Clock:
         return b - a
 
 
-def mfu_per_image_per_s(cfg, device: torch.device, precision: str) -> float | None:
+def mfu_per_image_per_s(cfg: Config, device: torch.device, precision: str) -> float | None:
     """MFU of one image per second per rank, on GPUs whose datasheet peak is known (None elsewhere): the
     training log multiplies it by images/s. FLOPs counted once, on the model."""
     peak = peak_tflops(device_name(device), precision, torch.backends.cudnn.allow_tf32)

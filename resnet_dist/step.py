@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from .errors import RunError, UsageError
+from .metrics import TrainMeter
+from .optim import EMA, LossScaler, NoEMA, NoScaler, Schedule
 
 WARMUP_STEPS = 3  # eager steps before a capture: cuDNN's algorithm search, momentum buffers, the allocator
 WARMUP_STEPS_DDP = 11  # DDP needs at least 11 eager iterations before a capture (PyTorch's CUDA graph notes)
@@ -66,10 +68,10 @@ class Parts:
     train_model: nn.Module  # what the forward pass calls: the DDP wrapper or the model, compiled or not
     ddp: nn.Module | None
     optimizer: torch.optim.Optimizer
-    schedule: object  # optim.Schedule
-    amp: object  # optim.LossScaler or NoScaler
-    ema: object  # optim.EMA or NoEMA
-    meter: object  # metrics.TrainMeter
+    schedule: Schedule
+    amp: LossScaler | NoScaler
+    ema: EMA | NoEMA
+    meter: TrainMeter
     loss_fn: nn.Module
     autocast: object
     memory_format: torch.memory_format

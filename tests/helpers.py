@@ -166,3 +166,12 @@ def tmpfs(path: Path, options: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def exit_code(main, *args) -> int:
+    """An entry point's exit code in-process: what `main(*args)` returns, or the code of the SystemExit it
+    raises (argparse's usage errors, --help)."""
+    try:
+        return main(*args)
+    except SystemExit as e:
+        return e.code

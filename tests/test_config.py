@@ -8,7 +8,7 @@ import yaml
 from resnet_dist import config
 from resnet_dist.config import ConfigError
 
-from .helpers import PY, REPO, clean_env
+from .helpers import PY, REPO, clean_env, exit_code
 
 
 def test_defaults_are_the_original_recipe_numbers():
@@ -172,9 +172,8 @@ def test_print_config_exits_0_without_training(tmp_path):
 def test_help_lists_every_key_with_its_doc(capsys):
     from resnet_dist import train
 
-    with pytest.raises(SystemExit) as e:
-        train.main(["--help"])
-    assert e.value.code == 0
+    code = exit_code(train.main, ["--help"])
+    assert code == 0
     out = capsys.readouterr().out
     for key in config.flat_keys(config.Config()):
         assert f" {key.rsplit('.', 1)[-1]}: " in out, key
@@ -246,9 +245,8 @@ def test_a_config_file_that_is_not_utf8_text_is_one_line_and_exit_2(tmp_path, co
 
     f = tmp_path / "c.yaml"
     f.write_bytes(content)
-    with pytest.raises(SystemExit) as e:
-        train.main(["--config", str(f), f"run.dir={tmp_path / 'runs'}"])
-    assert e.value.code == 2
+    code = exit_code(train.main, ["--config", str(f), f"run.dir={tmp_path / 'runs'}"])
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: config file {f} is not ")
     assert not (tmp_path / "runs").exists()

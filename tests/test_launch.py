@@ -15,7 +15,7 @@ import torch
 
 from resnet_dist import distributed, train
 
-from .helpers import PY, REPO, clean_env, epochs, free_port, read_metrics, run, small_run, torchrun
+from .helpers import PY, REPO, clean_env, epochs, exit_code, free_port, read_metrics, run, small_run, torchrun
 
 TINY = ("data.train_subset=256", "train.epochs=1", "log.every_steps=2")  # after small_run's: these win
 
@@ -398,9 +398,8 @@ def test_more_tasks_than_gpus_is_one_line_and_exit_2(tmp_path, monkeypatch, caps
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     waits = launcher_env(monkeypatch, {**FOUR_LOCAL, "RANK": local_rank, "LOCAL_RANK": local_rank})
-    with pytest.raises(SystemExit) as e:
-        train.main([f"run.dir={tmp_path}", "run.name=x"])
-    assert e.value.code == 2
+    code = exit_code(train.main, [f"run.dir={tmp_path}", "run.name=x"])
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     if says:
         assert len(err) == 1 and err[0].startswith("error: 4 processes on this node but only 2 GPUs")
@@ -415,10 +414,9 @@ def test_usage_errors_under_a_launcher_come_from_rank_0(tmp_path, monkeypatch, c
     waits = launcher_env(
         monkeypatch, {**TORCHRUN, "RANK": rank, "LOCAL_RANK": rank}
     )  # torchrun's rank 0 or 1
-    with pytest.raises(SystemExit) as e:
-        train.main([f"run.dir={tmp_path}", *argv])
+    code = exit_code(train.main, [f"run.dir={tmp_path}", *argv])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and ("error: " in err if says else err == ""), err
+    assert code == 2 and ("error: " in err if says else err == ""), err
     assert len(waits) == (0 if says else 1)
     assert not tmp_path.joinpath("x").exists() and list(tmp_path.iterdir()) == []
 
@@ -469,10 +467,9 @@ def test_launch_mistakes_are_one_line_and_exit_2_in_every_command(
     )
     for env, message in LAUNCH_MISTAKES:
         launcher_env(monkeypatch, env)
-        with pytest.raises(SystemExit) as e:
-            main()
+        code = exit_code(main)
         err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (
             env,
             err,
         )

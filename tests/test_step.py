@@ -12,7 +12,7 @@ from resnet_dist.evaluate import GraphedEvaluation
 from resnet_dist.trainer import Outcome, Trainer
 
 from .graph_emulator import EmulatedGraphs
-from .helpers import without_timing
+from .helpers import exit_code, without_timing
 from .test_trainer import CPU_ENV, SYNTH, Recorder, synthetic
 
 CAPTURABLE = (
@@ -142,9 +142,8 @@ def test_on_refuses_what_cannot_be_captured(gpu, precision, world, backend, extr
 def test_cuda_graphs_on_a_cpu_is_a_usage_error(tmp_path, capsys):
     from resnet_dist import train
 
-    with pytest.raises(SystemExit) as e:
-        train.main([f"run.dir={tmp_path}", "train.cuda_graphs=on"])
-    assert e.value.code == 2
+    code = exit_code(train.main, [f"run.dir={tmp_path}", "train.cuda_graphs=on"])
+    assert code == 2
     err = capsys.readouterr().err
     assert err == "error: train.cuda_graphs=on cannot capture this run (not on a GPU): use auto or off\n"
     assert not any(tmp_path.iterdir())
