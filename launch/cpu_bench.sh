@@ -4,11 +4,12 @@
 #      against this project's on-device batches, both feeding the same step;
 #  (b) 1 rank against 2 ranks (torchrun, gloo);
 #  (c) the trainer against a bare forward/backward/step loop on fixed tensors (its overhead).
-# Run on a quiet machine: `bash launch/cpu_bench.sh [KEY=VALUE ...]`; results in ${OUT:-bench_cpu}/.
+# Run on a quiet machine: `bash launch/cpu_bench.sh [KEY=VALUE ...]`; it prints the table BENCHMARKS.md holds,
+# and keeps each run's JSON and text in ${OUT:-a new folder under /tmp}.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-.venv/bin/python}
-OUT=${OUT:-bench_cpu}
+OUT=${OUT:-$(mktemp -d /tmp/resnet_dist_cpu_bench.XXXX)}
 STEPS=${STEPS:-20}
 mkdir -p "$OUT"
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1

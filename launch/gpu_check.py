@@ -244,7 +244,7 @@ def versions() -> None:
 
 
 def selftest() -> None:
-    code, out, _ = run("selftest", [PY, "-m", "resnet_dist.distributed", "--self-test"], 90, "smoke.log")
+    code, out, _ = run("selftest", [PY, "-m", "resnet_dist.selftest"], 90, "smoke.log")
     line = next((x for x in out.splitlines() if x.startswith("all_reduce self-test")), "")
     results["selftest"] = line
     if code == 0:

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -794,72 +793,3 @@ class NoPreemption(Preemption):
 
     def drain(self) -> bool:
         return False
-
-
-def self_test(size_mb: int = 64, iters: int = 5) -> dict:
-    """A real all-reduce on this launch's backend (NCCL on GPUs, gloo on CPU), checked and timed.
-
-    `python -m resnet_dist.distributed --self-test`, alone or under a launcher; launch/gpu_check.sh runs it first.
-    """
-    env = setup()
-    try:
-        if not dist.is_initialized():  # one process: a group of one still exercises the backend
-            dist.init_process_group(
-                "nccl" if env.device.type == "cuda" else "gloo",
-                store=dist.HashStore(),
-                rank=0,
-                world_size=1,
-                device_id=env.device if env.device.type == "cuda" else None,
-            )
-        n = size_mb * 2**20 // 4
-        t = torch.full((n,), float(env.rank + 1), device=env.device)
-        dist.all_reduce(t)
-        want = env.world_size * (env.world_size + 1) / 2
-        ok = bool(torch.all(t == want))
-        sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            dist.all_reduce(t)
-        sync()
-        secs = (time.perf_counter() - t0) / iters
-        w = env.world_size
-        # bus bandwidth as nccl-tests defines it: what each link carried in a ring all-reduce
-        result = {
-            "backend": dist.get_backend(),
-            "world_size": w,
-            "device": str(env.device),
-            "correct": ok,
-            "size_mb": size_mb,
-            "ms": 1e3 * secs,
-            "bus_gb_s": size_mb * 2**20 * 2 * (w - 1) / w / secs / 1e9,
-        }
-        if env.is_main:
-            print(
-                f"all_reduce self-test: backend={result['backend']} world_size={w} device={env.device} "
-                f"{'correct' if ok else 'WRONG RESULT'}, {size_mb} MB in {result['ms']:.2f} ms "
-                f"(bus bandwidth {result['bus_gb_s']:.1f} GB/s)",
-                flush=True,
-            )
-        if not ok:
-            raise SystemExit(1)
-        return result
-    finally:
-        teardown()
-
-
-def main(argv=None) -> int:
-    from . import cli
-
-    if (sys.argv[1:] if argv is None else argv) != ["--self-test"]:
-        print("usage: python -m resnet_dist.distributed --self-test", file=sys.stderr)
-        return 2
-    try:
-        self_test()
-    except UsageError as e:  # a launch mistake, from setup(), before any process group exists
-        return cli.report(e)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
 import dataclasses
 import glob
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -167,6 +168,21 @@ def test_print_config_exits_0_without_training(tmp_path):
     assert any(x.startswith("  cuda_graphs: auto ") and "(auto | on | off)" not in x for x in lines)
     assert any(x.startswith("  grad_compression: none") and "bf16" in x for x in lines)
     assert sum("#" in x for x in lines) == len(config.flat_keys(config.Config()))
+
+
+def test_the_entry_points_are_console_scripts_too(tmp_path):
+    """pip install makes resnet-dist-train and friends (pyproject.toml [project.scripts]), beside python -m."""
+    bin_dir = Path(PY).parent
+    names = ("train", "evaluate", "export", "predict", "bench", "plots", "selftest")
+    assert all((bin_dir / f"resnet-dist-{n}").is_file() for n in names)
+    proc = subprocess.run(
+        [bin_dir / "resnet-dist-train", "--print-config", "train.lr=0.3"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and yaml.safe_load(proc.stdout)["train"]["lr"] == 0.3
 
 
 def test_help_lists_every_key_with_its_doc(capsys):

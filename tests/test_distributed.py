@@ -6,7 +6,7 @@ import pytest
 
 from resnet_dist import distributed
 
-from .helpers import PY, in_gloo_group, run, torchrun
+from .helpers import exit_code, in_gloo_group, run, torchrun
 
 
 @pytest.mark.parametrize(
@@ -89,15 +89,17 @@ def test_no_launcher():
 
 
 def test_self_test_all_reduces_correctly_in_a_real_group():
-    proc = run(torchrun(3, module="resnet_dist.distributed") + ["--self-test"])
+    proc = run(torchrun(3, module="resnet_dist.selftest"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("all_reduce self-test: backend=gloo world_size=3 device=cpu correct") == 1
 
 
-def test_self_test_single_process_and_usage():
-    proc = run([PY, "-m", "resnet_dist.distributed", "--self-test"])
-    assert proc.returncode == 0 and "world_size=1 device=cpu correct" in proc.stdout
-    assert run([PY, "-m", "resnet_dist.distributed"]).returncode == 2
+def test_self_test_single_process_and_usage(capsys):
+    from resnet_dist import selftest
+
+    assert selftest.main(["--size-mb", "1"]) == 0
+    assert "world_size=1 device=cpu correct, 1 MB in" in capsys.readouterr().out
+    assert exit_code(selftest.main, ["--size-mb", "x"]) == 2
 
 
 def _agreement(env):

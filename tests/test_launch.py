@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_dist import distributed, train
+from resnet_dist import distributed, selftest, train
 
 from .helpers import PY, REPO, clean_env, epochs, exit_code, free_port, read_metrics, run, small_run, torchrun
 
@@ -431,7 +431,7 @@ def entry_point(name: str, tmp_path: Path, trained: Path | None):
         "evaluate": lambda: evaluate.main(
             ["--checkpoint", str(trained / "checkpoints" / "last.pt"), "--out", str(tmp_path / "x")]
         ),
-        "self-test": lambda: distributed.main(["--self-test"]),
+        "self-test": lambda: selftest.main([]),
     }[name]
 
 
