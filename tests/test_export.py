@@ -4,6 +4,7 @@ onnxruntime), `python -m resnet_dist.predict` on image files, and the W&B model 
 import base64
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_dist import checkpoint, config, export, predict
+from resnet_dist import checkpoint, config, export, exportdir, predict
 from resnet_dist.data import CLASSES, MEAN, STD, load_split, normalize, prepare
 from resnet_dist.evaluate import Evaluator, checkpoint_config, load_model
 from resnet_dist.model import build_model
@@ -82,11 +83,11 @@ def test_model_card(trained, exported):
     assert card["classes"] == list(CLASSES)
     inp = card["input"]
     assert (inp["channels"], inp["size"], inp["mean"], inp["std"]) == (1, 28, MEAN, STD)
-    assert "(x - mean) / std" in inp["preprocess"]
+    assert inp["light_on_dark"] is True and card["format"] == exportdir.FORMAT
     assert card["checkpoint"]["global_step"] == state["progress"]["global_step"] == 8
     assert card["checkpoint"]["epoch"] == state["progress"]["epoch"] == 1
     (ep,) = epochs(read_metrics(trained))
-    assert card["last_test"] == {"acc": ep["test/acc"], "samples": 999, "epoch": 1, "source": "checkpoint"}
+    assert card["last_test"] == {"acc": ep["test/acc"], "samples": 999, "epoch": 1}
     assert card["torch_version"] == torch.__version__
 
     onnx_card = card["onnx"]
@@ -97,6 +98,11 @@ def test_model_card(trained, exported):
     assert v["top1_agreement"] >= 0.999 and v["max_abs_logit_diff"] <= 1e-3
     assert f"on 200 test images: max |logit difference| {v['max_abs_logit_diff']:.3g}" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.safetensors"]
+    assert card["files"] == ["model.safetensors", "model.onnx", "model.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in out.iterdir():  # as a plain open() makes them: safetensors alone would write 0600
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
 
 
 def test_onnx_has_a_dynamic_batch(trained, exported):
@@ -140,11 +146,11 @@ def test_ema_weights_and_flip_tta_are_exported(trained, data_root, tmp_path):
     weights = load_file(out / "model.safetensors")
     assert all(torch.equal(weights[k], ema[k]) for k in ema) and weights.keys() == ema.keys()
 
-    model = export.card_model(card, weights)
+    model = predict.model_from_card(card, weights)
     images = load_split(prepare(str(data_root)), "test", 50)[0]
-    runner = export.OnnxRunner(out / "model.onnx", card)
-    with_tta = export.TorchRunner(model, card).logits(images)
-    without = export.TorchRunner(model, {**card, "tta_flip": False}).logits(images)
+    runner = predict.OnnxRunner(out / "model.onnx", card)
+    with_tta = predict.TorchRunner(model, card).logits(images)
+    without = predict.TorchRunner(model, {**card, "tta_flip": False}).logits(images)
     assert (runner.logits(images) - with_tta).abs().max() < 1e-3 < (with_tta - without).abs().max()
 
 
@@ -179,11 +185,13 @@ def test_verification_fails_on_a_corrupted_onnx_weight(trained, exported, data_r
     ).read_bytes() == before
 
     # the same check in-process: the exported file passes, the corrupted one fails on the difference
-    state, cfg, card, model = export.load_checkpoint(ckpt, ["data.test_subset=200"])
-    images = export.verification_images(cfg)
-    good = export.verify(export.TorchRunner(model, card), export.OnnxRunner(out / "model.onnx", card), images)
+    _, cfg, model = predict.load_checkpoint(ckpt, ["data.test_subset=200"])
+    card, images = predict.inference_card(cfg), export.verification_images(cfg)
+    good = export.verify(
+        predict.TorchRunner(model, card), predict.OnnxRunner(out / "model.onnx", card), images
+    )
     bad = export.verify(
-        export.TorchRunner(model, card), export.OnnxRunner(tmp_path / "model.onnx", card), images
+        predict.TorchRunner(model, card), predict.OnnxRunner(tmp_path / "model.onnx", card), images
     )
     assert good["passed"] and good["max_abs_logit_diff"] <= 1e-3 and good["top1_agreement"] == 1.0
     assert not bad["passed"] and bad["max_abs_logit_diff"] > 1e-3
@@ -198,7 +206,7 @@ def test_a_failed_write_leaves_no_half_file(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        export.atomic_write(target, half_then_fail)
+        checkpoint.atomic_write(target, half_then_fail)  # how the export writes each of its files
     assert target.read_bytes() == b"the earlier export" and [p.name for p in tmp_path.iterdir()] == [
         target.name
     ]
@@ -568,10 +576,17 @@ def test_pillow_warnings_are_one_line_per_image(trained, data_root, tmp_path):
 
 
 def test_the_card_names_one_class_per_output():
-    assert export.class_names(10) == list(CLASSES)
-    assert export.class_names(12) == [*CLASSES, "class 10", "class 11"] and export.class_names(3) == list(
+    assert predict.class_names(10) == list(CLASSES)
+    assert predict.class_names(12) == [*CLASSES, "class 10", "class 11"] and predict.class_names(3) == list(
         CLASSES[:3]
     )
+
+
+def test_a_checkpoint_before_its_first_evaluation_has_no_last_test(trained):
+    state = checkpoint.load(ckpt_of(trained))
+    assert export.last_test(state)["samples"] == 999
+    state.pop("history")  # optional in a checkpoint (checkpoint.OPTIONAL), empty before the first epoch ends
+    assert export.last_test(state) is None and export.last_test({**state, "history": []}) is None
 
 
 def listing(folder: Path) -> dict:
@@ -628,8 +643,6 @@ def test_export_never_replaces_files_it_did_not_write(trained, tmp_path, capsys)
 
 
 def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path):
-    from resnet_dist import exportdir
-
     out = tmp_path / "export"
     out.mkdir()
     (out / "model.json").write_text(json.dumps({"format": exportdir.FORMAT, "files": ["model.json"]}))
@@ -639,6 +652,21 @@ def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path):
             (new / "model.json").write_text("half an export")
             raise RuntimeError("verification failed")
     assert listing(out) == before and [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_which_files_an_export_wrote_is_read_from_its_model_json(tmp_path):
+    """An export of any version of the format is ours when its model.json lists its files; a model.json
+    without that list, of another format, or not a JSON object at all is the user's: the folder is refused."""
+    (tmp_path / "model.onnx").write_bytes(b"an export's model")
+    ours = {"format": "resnet_dist export 1", "files": ["model.onnx", "model.json"]}
+    (tmp_path / "model.json").write_text(json.dumps(ours))
+    exportdir.check_replaceable(tmp_path)
+    for card in [{**ours, "files": None}, {"format": "onnx"}, {**ours, "format": 1}, ["model.onnx"], "text"]:
+        (tmp_path / "model.json").write_text(json.dumps(card))
+        with pytest.raises(
+            exportdir.ExportDirError, match=r"no model.json of an export \(model.json, model.onnx\)"
+        ):
+            exportdir.check_replaceable(tmp_path)
 
 
 def dead_pid() -> int:
@@ -653,8 +681,6 @@ def test_an_export_set_aside_by_a_killed_swap_is_put_back(tmp_path):
     """A kill between the swap's two renames leaves the previous export aside and no folder in its place: the
     next export puts it back first (then replaces it, or leaves it there if it fails)."""
     import socket
-
-    from resnet_dist import exportdir
 
     out = tmp_path / "export"
     aside = tmp_path / f".export.old-{socket.gethostname()}-{dead_pid()}"
@@ -671,7 +697,6 @@ def test_an_export_set_aside_by_a_killed_swap_is_put_back(tmp_path):
 def test_sigkill_during_the_onnx_verification_keeps_the_previous_export(trained, exported, tmp_path, capsys):
     """A real export killed (SIGKILL) while it verifies its new model.onnx: the previous export, model.onnx
     included, is untouched and loads; the next export removes the killed one's folder."""
-    import os
     import signal
     import subprocess
     import time
