@@ -44,7 +44,8 @@ def last_test(state: dict) -> dict | None:
     last = state["history"][-1]
     conf = torch.tensor(last["confusion"])
     count = int(conf.sum())
-    return {"acc": float(conf.diag().sum()) / count, "samples": count, "epoch": last["epoch"] + 1}
+    acc = float(conf.diag().sum()) / count  # as Evaluator.evaluate computes test/acc
+    return {"acc": acc, "samples": count, "epoch": last["epoch"] + 1}
 
 
 def checkpoint_card(state: dict, cfg: config.Config, ckpt: Path) -> dict:

@@ -115,8 +115,8 @@ def load_exported(folder: Path) -> tuple[dict, nn.Module]:
 
 
 def load_checkpoint(path: Path, overrides=()) -> tuple[dict, config.Config, nn.Module]:
-    """(state, config, model in eval mode on CPU) of a checkpoint; CheckpointError or ConfigError. The
-    overrides (export's verification data) are checked by the caller: evaluate.check_overrides."""
+    """(state, config, model in eval mode on CPU) of a checkpoint; CheckpointError or ConfigError. Overrides:
+    export's verification data (evaluate.OVERRIDABLE, which export checks first to name itself)."""
     state = checkpoint.load(path)  # weights_only: a crafted file cannot run code
     cfg = checkpoint_config(state, overrides)
     return state, cfg, load_model(state, cfg, CPU).eval()
