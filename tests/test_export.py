@@ -2,7 +2,9 @@
 onnxruntime), `python -m resnet_dist.predict` on image files, and the W&B model artifact of a finished run."""
 
 import base64
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -50,14 +52,14 @@ def reference(trained):
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
-    """The trained checkpoint exported (both formats), its ONNX verified on 200 real test images."""
+    """The trained checkpoint exported (both formats), its ONNX verified on 200 real test images: (the folder,
+    what the export printed). In-process: `python -m resnet_dist.export` runs in test_without_onnx."""
     out = tmp_path_factory.mktemp("export")
-    proc = run(
-        [PY, "-m", "resnet_dist.export", "--checkpoint", str(ckpt_of(trained)), "--out", str(out)]
-        + ["data.test_subset=200"]
-    )
-    assert proc.returncode == 0, proc.stderr
-    return out, proc
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        args = ["--checkpoint", str(ckpt_of(trained)), "--out", str(out), "data.test_subset=200"]
+        assert export.main(args) == 0
+    return out, printed.getvalue()
 
 
 def test_safetensors_weights_give_the_checkpoints_logits(trained, exported, data_root):
@@ -76,7 +78,7 @@ def test_safetensors_weights_give_the_checkpoints_logits(trained, exported, data
 
 
 def test_model_card(trained, exported):
-    out, proc = exported
+    out, printed = exported
     card = json.loads((out / "model.json").read_text())
     state = checkpoint.load(ckpt_of(trained))
     assert card["model"] == state["config"]["model"] and card["model"]["stem"] == "imagenet"
@@ -97,7 +99,7 @@ def test_model_card(trained, exported):
     v = onnx_card["verification"]
     assert v["images"] == 200 and v["passed"] is True
     assert v["top1_agreement"] >= 0.999 and v["max_abs_logit_diff"] <= 1e-3
-    assert f"on 200 test images: max |logit difference| {v['max_abs_logit_diff']:.3g}" in proc.stdout
+    assert f"on 200 test images: max |logit difference| {v['max_abs_logit_diff']:.3g}" in printed
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.safetensors"]
     assert card["files"] == ["model.safetensors", "model.onnx", "model.json"]
     umask = os.umask(0)
