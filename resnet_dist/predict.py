@@ -9,8 +9,7 @@ stderr and the others are still predicted; the exit status is then 1.
 
 Each picture becomes a Fashion-MNIST image (light garment on black, 28x28; --invert for dark on light), then
 the model's input as in training. It runs on CPU in fp32: PyTorch as `evaluate` predicts (flip TTA included
-when the run had it), or with --onnx the exported model.onnx under onnxruntime; export's verification uses
-the same two runners.
+when the run had it), or with --onnx the exported model.onnx under onnxruntime.
 """
 
 from __future__ import annotations
@@ -34,6 +33,10 @@ SUFFIXES = (".png", ".jpg", ".jpeg")
 CHUNK = 256  # images read and predicted at a time: memory stays flat on any folder
 INSTALL_HINT = "pip install -e .[export]"
 CPU = torch.device("cpu")
+
+
+# The model: its card (model.json), the PyTorch model it describes, and the two runners (export's
+# verification compares them).
 
 
 class ExportError(RuntimeError):
@@ -163,6 +166,9 @@ class OnnxRunner:
         x, b = normalize(images, self.size).numpy(), self.batch_size
         out = [self.session.run(["logits"], {"image": x[i : i + b]})[0] for i in range(0, len(x), b)]
         return torch.from_numpy(np.concatenate(out))
+
+
+# The pictures: any image file as a Fashion-MNIST image.
 
 
 class ImageError(ValueError):
