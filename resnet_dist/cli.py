@@ -64,6 +64,12 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     return parser.parse_intermixed_args(argv)
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message in one line for an error line: its first line (at most 200 characters), or its
+    type's name when it has none."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def fail(msg: str, code: int = 1, quiet: bool = False) -> NoReturn:
     """One line on stderr and exit `code`: 2 for usage, config and launch errors, 1 for run-time failures.
     `quiet`: exit without the line (the ranks other than 0, when rank 0 says it for all)."""

@@ -51,6 +51,7 @@ CLASSES = (
     "Ankle boot",
 )
 MEAN, STD = 0.2860, 0.3530
+IMAGE_SIZE = 28  # the images are 28x28 pixels; data.resize up-samples them
 SPLIT_SIZE = {"train": 60000, "test": 10000}
 
 

@@ -1,31 +1,24 @@
 """The export folder: built beside its place, swapped in whole, never over files an export did not write.
 
-An export (`python -m resnet_dist.export`, or training's W&B model artifact) is written into a fresh folder
-next to its target, `.<name>.export-<host>-<pid>`, and checked there; then it replaces the target with two
-renames (the previous export goes aside as `.<name>.old-<host>-<pid>` for the instant between them, and is
-deleted after). A failure or a kill at any moment leaves the previous export as it was. The next export
-removes what a killed one left on this host, and puts an export that was set aside back in place if the
-kill fell between the two renames.
-
-A folder is replaced only when it is empty or holds an export of ours and nothing else: its model.json (of
-this format) lists the files that export wrote. Any other file in it is refused, never deleted.
+An export is written into a fresh folder beside its target, `.<name>.export-<host>-<pid>`, and checked there;
+two renames then put it in place (the previous export waits as `.<name>.old-<host>-<pid>` between them and is
+deleted after). A failure or a kill at any moment leaves the previous export as it was; the next export on
+this host removes what a killed one left, and puts back an export a kill left aside between the renames.
+A folder is replaced only when it is empty or holds an export and nothing else: the files its model.json
+lists. Any other file is refused, never deleted.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-FORMAT = "resnet_dist export 1"  # model.json's "format"
-# a file being written (atomic_write's temporary): left behind only by a killed export, of this or an earlier
-# version (which wrote into the folder itself)
-PARTIAL = re.compile(r"\.tmp-\d+-model\.(json|safetensors|onnx)$")
+FORMAT = "resnet_dist export 2"  # model.json's "format"; any version's "files" says what it wrote
 
 
 class ExportDirError(RuntimeError):
@@ -36,23 +29,19 @@ def written_by_export(folder: Path) -> set[str] | None:
     """The files the export in `folder` wrote, from its model.json; None when it has no model.json of ours."""
     try:
         card = json.loads((folder / "model.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(card, dict) or card.get("format") != FORMAT:
-        return None
-    files = card.get("files")
-    if files is None:  # an export from before the list: what it may have written
-        files = ["model.json", "model.safetensors"] + (["model.onnx"] if card.get("onnx") else [])
-    return set(files) if isinstance(files, list) else None
+        if card["format"].startswith("resnet_dist export ") and isinstance(card["files"], list):
+            return set(card["files"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
 
 
 def check_replaceable(folder: Path) -> None:
     """ExportDirError in one line when replacing `folder` would lose a file an export did not write."""
     if not folder.is_dir():
         return
-    names = sorted(p.name for p in folder.iterdir())
     ours = written_by_export(folder)
-    foreign = [n for n in names if n not in (ours or ()) and not PARTIAL.match(n)]
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in (ours or ()))
     if not foreign:
         return
     listed = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
@@ -63,46 +52,46 @@ def check_replaceable(folder: Path) -> None:
     )
 
 
-def _host_pid_leftovers(out: Path, kind: str) -> list[Path]:
-    """`.<name>.<kind>-<this host>-<pid>` folders beside `out` whose process is gone."""
-    prefix = f".{out.name}.{kind}-{socket.gethostname()}-"
-    if not out.parent.is_dir():
-        return []
-    found = []
-    for p in out.parent.iterdir():
-        pid = p.name[len(prefix) :]
-        if p.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
-            found.append(p)
-    return sorted(found)
+def beside(out: Path, kind: str, pid: int | str = "") -> Path:
+    """`.<name>.<kind>-<host>-<pid>`: the new export (kind "export") or the previous one set aside ("old")."""
+    return out.with_name(f".{out.name}.{kind}-{socket.gethostname()}-{pid}")
 
 
-def _alive(pid: int) -> bool:
+def gone(pid: int) -> bool:
+    """Whether process `pid` has ended (this very process: an earlier export of it, which ended)."""
     if pid == os.getpid():
-        return False  # an earlier export of this very process, which ended
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:
+        return False
+    return False
+
+
+def stale(out: Path, kind: str) -> list[Path]:
+    """The `beside(out, kind, pid)` folders of this host whose process has ended."""
+    prefix = beside(out, kind).name
+    pids = {p: p.name[len(prefix) :] for p in out.parent.glob(".*") if p.name.startswith(prefix)}
+    return sorted(p for p, pid in pids.items() if pid.isdigit() and gone(int(pid)))
 
 
 def clean_stale(out: Path) -> list[str]:
-    """Undo what a killed export left beside `out`; one line per thing done."""
+    """Undo what a killed export on this host left beside `out`; one line per thing done."""
     said = []
-    for old in _host_pid_leftovers(out, "old"):
-        if not out.exists():
+    for old in stale(out, "old"):
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            said.append(f"note: removed {old} (the previous export of an export killed while swapping)")
+        else:
             os.rename(old, out)
             said.append(
                 f"note: {out}: put back the previous export (set aside by an export killed while swapping)"
             )
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-            said.append(f"note: removed {old} (the previous export of an export killed while swapping)")
-    for tmp in _host_pid_leftovers(out, "export"):
-        shutil.rmtree(tmp, ignore_errors=True)
-        said.append(f"note: removed {tmp} (the unfinished folder of an export that was killed)")
+    for new in stale(out, "export"):
+        shutil.rmtree(new, ignore_errors=True)
+        said.append(f"note: removed {new} (the unfinished folder of an export that was killed)")
     return said
 
 
@@ -116,10 +105,9 @@ def _fsync_dir(path: Path) -> None:
 
 def _swap(new: Path, out: Path) -> None:
     """`new` becomes `out`; the previous `out` is deleted only once `new` is in its place."""
-    _fsync_dir(new)
     if out.exists():
         check_replaceable(out)  # again, just before: a file put there meanwhile is not lost
-        old = out.with_name(f".{out.name}.old-{socket.gethostname()}-{os.getpid()}")
+        old = beside(out, "old", os.getpid())
         os.rename(out, old)
         try:
             os.rename(new, out)
@@ -134,14 +122,15 @@ def _swap(new: Path, out: Path) -> None:
 
 @contextmanager
 def replaced(out: Path) -> Iterator[Path]:
-    """A fresh empty folder beside `out` to write the export into; when the block ends without an error it
-    replaces `out` whole. On an error `out` stays as it was and the new folder is removed (after a kill: by
-    the next export). ExportDirError before anything is written when `out` holds foreign files."""
+    """A fresh empty folder beside `out` to write the export into (each file written atomically, so durable);
+    when the block ends without an error it replaces `out` whole. On an error `out` stays as it was and the new
+    folder is removed (after a kill: by the next export). ExportDirError before anything is written when `out`
+    holds foreign files."""
     out = Path(os.path.realpath(out))  # a symlink to the folder: replace its target, keep the link
     for line in clean_stale(out):
         print(line, flush=True)
     check_replaceable(out)
-    new = out.with_name(f".{out.name}.export-{socket.gethostname()}-{os.getpid()}")
+    new = beside(out, "export", os.getpid())
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
     try:

@@ -7,17 +7,9 @@ Prints one JSON line per image on stdout: {"path": ..., "top": [{"class": ..., "
 ...]}, the K most probable classes (default 3). A file that cannot be read as an image gets one line on
 stderr and the others are still predicted; the exit status is then 1.
 
-How a picture becomes the model's input, as Fashion-MNIST made its images (light garment on black, 28x28):
-1. EXIF orientation applied; transparency flattened onto the background (black, or white with --invert);
-2. grayscale ("L": 0.299 R + 0.587 G + 0.114 B); an image of more than 8 bits per pixel scaled by its bit
-   depth (16-bit: v / 257, rounded), not clipped;
-3. --invert for dark-on-light pictures (a product photo on white): 255 - x;
-4. unless already 28x28: scaled to fit 28x28 keeping its aspect ratio (Lanczos, antialiased when
-   shrinking), centred on black;
-5. then exactly as in training: x / 255, (x - mean) / std, bilinear resize to the model's input size if
-   it trained on a larger one (model.json: input).
-Runs on CPU in fp32: PyTorch (as `evaluate` predicts, flip TTA included when the run had it), or with
---onnx the exported model.onnx under onnxruntime.
+Each picture becomes a Fashion-MNIST image (light garment on black, 28x28; --invert for dark on light), then
+the model's input as in training. It runs on CPU in fp32: PyTorch as `evaluate` predicts (flip TTA included
+when the run had it), or with --onnx the exported model.onnx under onnxruntime.
 """
 
 from __future__ import annotations
@@ -30,21 +22,153 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import checkpoint, cli, config
-from .export import (
-    INSTALL_HINT,
-    ExportError,
-    OnnxRunner,
-    TorchRunner,
-    load_checkpoint,
-    load_exported,
-    read_card,
-)
+from .data import CLASSES, IMAGE_SIZE, MEAN, STD, normalize
+from .evaluate import Evaluator, checkpoint_config, load_model
+from .model import build_model
 
-SIZE = 28
 SUFFIXES = (".png", ".jpg", ".jpeg")
 CHUNK = 256  # images read and predicted at a time: memory stays flat on any folder
+INSTALL_HINT = "pip install -e .[export]"
+CPU = torch.device("cpu")
+
+
+# The model: its card (model.json), the PyTorch model it describes, and the two runners (export's
+# verification compares them).
+
+
+class ExportError(RuntimeError):
+    """An export folder, model card or model file that cannot be used (exit 2), or an ONNX file that fails
+    its check (export: exit 1)."""
+
+
+def class_names(n: int) -> list[str]:
+    """One name per output: Fashion-MNIST's, then "class 10", ... for a model with more outputs."""
+    return list(CLASSES[:n]) + [f"class {i}" for i in range(len(CLASSES), n)]
+
+
+def inference_card(cfg: config.Config) -> dict:
+    """What running the model takes, as model.json holds it (export adds where it came from): the model
+    config, the input (how an image becomes it: the README's "Use the model"), the classes, flip TTA."""
+    return {
+        "model": cfg.to_dict()["model"],
+        "tta_flip": cfg.train.tta_flip,
+        "classes": class_names(cfg.model.num_classes),
+        "input": {
+            "channels": 1,
+            "size": cfg.data.resize or IMAGE_SIZE,
+            "mean": MEAN,
+            "std": STD,
+            "light_on_dark": True,
+        },
+    }
+
+
+def read_card(folder: Path) -> dict:
+    """model.json of an export folder, checked for what the runners read: a model this package can build, an
+    input size, and one class name per output of that model."""
+    path = folder / "model.json"
+    try:
+        card = json.loads(path.read_text())
+        outputs = config.from_dict({"model": card["model"]}).model.num_classes
+        _ = int(card["input"]["size"]), bool(card["tta_flip"])
+        classes = card["classes"]
+    except FileNotFoundError:
+        raise ExportError(
+            f"{folder} has no model.json: not an export folder (python -m resnet_dist.export)"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError, config.ConfigError) as e:
+        raise ExportError(
+            f"{path} is not a usable model card ({type(e).__name__}: {cli.first_line(e)})"
+        ) from None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ExportError(f"{path} is not a usable model card: 'classes' is not a list of names")
+    if len(classes) != outputs:
+        raise ExportError(
+            f"{path} is not a usable model card: it names {len(classes)} classes, its model has {outputs} "
+            "outputs (model.num_classes)"
+        )
+    return card
+
+
+def model_from_card(card: dict, weights: dict) -> nn.Module:
+    """The PyTorch model a card describes, with `weights` (a state_dict), in eval mode on CPU."""
+    model = build_model(config.from_dict({"model": card["model"]}).model)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def load_exported(folder: Path) -> tuple[dict, nn.Module]:
+    """(card, model) of an export folder: model.json and model.safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    card = read_card(folder)
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise ExportError(
+            f"{folder} has no model.safetensors (exported with --format onnx only?): use --onnx"
+        )
+    try:
+        return card, model_from_card(card, load_file(path))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ExportError(f"{path}: cannot load these weights ({cli.first_line(e)})") from None
+
+
+def load_checkpoint(path: Path, overrides=()) -> tuple[dict, config.Config, nn.Module]:
+    """(state, config, model in eval mode on CPU) of a checkpoint; CheckpointError or ConfigError. Overrides:
+    export's verification data (evaluate.OVERRIDABLE, which export checks first to name itself)."""
+    state = checkpoint.load(path)  # weights_only: a crafted file cannot run code
+    cfg = checkpoint_config(state, overrides)
+    return state, cfg, load_model(state, cfg, CPU).eval()
+
+
+class TorchRunner:
+    """Logits of uint8 images [N, 1, 28, 28] from the PyTorch model on CPU, exactly as `evaluate` computes
+    them (Evaluator.predict: normalize, resize, flip TTA), in fp32 whatever precision the run trained in."""
+
+    def __init__(self, model: nn.Module, card: dict, batch_size: int = 256):
+        self.model, self.batch_size = model.eval(), batch_size
+        size, tta, n = card["input"]["size"], card["tta_flip"], len(card["classes"])
+        self.evaluator = Evaluator(size, batch_size, tta, "fp32", CPU, torch.contiguous_format, n)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        b = self.batch_size
+        return torch.cat(
+            [self.evaluator.predict(self.model, images[i : i + b]) for i in range(0, len(images), b)]
+        )
+
+
+class OnnxRunner:
+    """The same from model.onnx with onnxruntime on CPU: the same normalize(), then the ONNX graph."""
+
+    def __init__(self, path: Path, card: dict, batch_size: int = 256):
+        import onnxruntime as ort
+
+        self.size, self.batch_size = card["input"]["size"], batch_size
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types: truncated, not ONNX, ...
+            raise ExportError(f"{path}: onnxruntime cannot load it ({cli.first_line(e)})") from None
+        self.runtime = f"onnxruntime {ort.__version__} CPUExecutionProvider"
+        (inp,), (out,) = self.session.get_inputs(), self.session.get_outputs()
+        n = len(card["classes"])
+        if isinstance(out.shape[-1], int) and out.shape[-1] != n:
+            raise ExportError(f"{path} has {out.shape[-1]} outputs, its model.json names {n} classes")
+        if isinstance(inp.shape[-1], int) and inp.shape[-1] != self.size:
+            raise ExportError(
+                f"{path} takes {inp.shape[-1]}x{inp.shape[-1]} images, its model.json says {self.size}"
+            )
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        x, b = normalize(images, self.size).numpy(), self.batch_size
+        out = [self.session.run(["logits"], {"image": x[i : i + b]})[0] for i in range(0, len(x), b)]
+        return torch.from_numpy(np.concatenate(out))
+
+
+# The pictures: any image file as a Fashion-MNIST image.
 
 
 class ImageError(ValueError):
@@ -75,7 +199,14 @@ def to_8bit(img):
 
 
 def to_input(img, invert: bool) -> np.ndarray:
-    """A PIL image of any size and mode -> uint8 [28, 28], light on dark (steps 1-4 of the module doc)."""
+    """A PIL image of any size and mode -> uint8 [28, 28], light on dark, as Fashion-MNIST made its images:
+    1. EXIF orientation applied; transparency flattened onto the background (black, or white with --invert);
+    2. grayscale ("L": 0.299 R + 0.587 G + 0.114 B); more than 8 bits per pixel: scaled by the depth (to_8bit);
+    3. `invert` for dark-on-light pictures (a product photo on white): 255 - x;
+    4. unless already 28x28: scaled to fit 28x28 keeping its aspect ratio (Lanczos, antialiased when
+       shrinking), centred on black.
+    The runners then normalize it as training does: x / 255, (x - mean) / std, bilinear resize to the model's
+    input size when it trained on a larger one."""
     from PIL import Image, ImageOps
 
     img = ImageOps.exif_transpose(img)
@@ -88,12 +219,13 @@ def to_input(img, invert: bool) -> np.ndarray:
     img = img.convert("L")
     if invert:
         img = ImageOps.invert(img)
-    if img.size != (SIZE, SIZE):
+    n = IMAGE_SIZE
+    if img.size != (n, n):
         w, h = img.size
-        scale = SIZE / max(w, h)
+        scale = n / max(w, h)
         fitted = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
-        img = Image.new("L", (SIZE, SIZE), 0)
-        img.paste(fitted, ((SIZE - fitted.width) // 2, (SIZE - fitted.height) // 2))
+        img = Image.new("L", (n, n), 0)
+        img.paste(fitted, ((n - fitted.width) // 2, (n - fitted.height) // 2))
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -110,8 +242,7 @@ def read_image(path: Path, invert: bool) -> torch.Tensor:
                 img.load()  # decode now: a truncated file fails here, not later
                 x = torch.from_numpy(to_input(img, invert).copy()).unsqueeze(0)
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ImageError(f"{path}: not a readable image ({first})") from None  # its one line
+            raise ImageError(f"{path}: not a readable image ({cli.first_line(e)})") from None
     said = dict.fromkeys(" ".join(str(w.message).split())[:200] for w in caught)  # each once, in order
     if said:
         print(f"warning: {path}: {'; '.join(said)}", file=sys.stderr, flush=True)
@@ -154,7 +285,8 @@ def load_runner(model: Path, use_onnx: bool):
             raise ExportError(f"no model at {model} (an export folder or a .pt checkpoint)")
         if use_onnx:
             raise ExportError(f"--onnx needs an export folder with model.onnx, not the checkpoint {model}")
-        _, _, card, net = load_checkpoint(model)
+        _, cfg, net = load_checkpoint(model)
+        card = inference_card(cfg)
         return card, TorchRunner(net, card)
     except (ExportError, checkpoint.CheckpointError, config.ConfigError) as e:
         cli.usage_error(str(e))

@@ -2,8 +2,12 @@
 onnxruntime), `python -m resnet_dist.predict` on image files, and the W&B model artifact of a finished run."""
 
 import base64
+import contextlib
 import hashlib
+import io
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_dist import checkpoint, config, export, predict
+from resnet_dist import checkpoint, config, export, exportdir, files, predict
 from resnet_dist.data import CLASSES, MEAN, STD, load_split, normalize, prepare
 from resnet_dist.evaluate import Evaluator, checkpoint_config, load_model
 from resnet_dist.model import build_model
@@ -48,14 +52,14 @@ def reference(trained):
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
-    """The trained checkpoint exported (both formats), its ONNX verified on 200 real test images."""
+    """The trained checkpoint exported (both formats), its ONNX verified on 200 real test images: (the folder,
+    what the export printed). In-process: `python -m resnet_dist.export` runs in test_without_onnx."""
     out = tmp_path_factory.mktemp("export")
-    proc = run(
-        [PY, "-m", "resnet_dist.export", "--checkpoint", str(ckpt_of(trained)), "--out", str(out)]
-        + ["data.test_subset=200"]
-    )
-    assert proc.returncode == 0, proc.stderr
-    return out, proc
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        args = ["--checkpoint", str(ckpt_of(trained)), "--out", str(out), "data.test_subset=200"]
+        assert export.main(args) == 0
+    return out, printed.getvalue()
 
 
 def test_safetensors_weights_give_the_checkpoints_logits(trained, exported, data_root):
@@ -74,7 +78,7 @@ def test_safetensors_weights_give_the_checkpoints_logits(trained, exported, data
 
 
 def test_model_card(trained, exported):
-    out, proc = exported
+    out, printed = exported
     card = json.loads((out / "model.json").read_text())
     state = checkpoint.load(ckpt_of(trained))
     assert card["model"] == state["config"]["model"] and card["model"]["stem"] == "imagenet"
@@ -82,11 +86,11 @@ def test_model_card(trained, exported):
     assert card["classes"] == list(CLASSES)
     inp = card["input"]
     assert (inp["channels"], inp["size"], inp["mean"], inp["std"]) == (1, 28, MEAN, STD)
-    assert "(x - mean) / std" in inp["preprocess"]
+    assert inp["light_on_dark"] is True and card["format"] == exportdir.FORMAT
     assert card["checkpoint"]["global_step"] == state["progress"]["global_step"] == 8
     assert card["checkpoint"]["epoch"] == state["progress"]["epoch"] == 1
     (ep,) = epochs(read_metrics(trained))
-    assert card["last_test"] == {"acc": ep["test/acc"], "samples": 999, "epoch": 1, "source": "checkpoint"}
+    assert card["last_test"] == {"acc": ep["test/acc"], "samples": 999, "epoch": 1}
     assert card["torch_version"] == torch.__version__
 
     onnx_card = card["onnx"]
@@ -95,8 +99,13 @@ def test_model_card(trained, exported):
     v = onnx_card["verification"]
     assert v["images"] == 200 and v["passed"] is True
     assert v["top1_agreement"] >= 0.999 and v["max_abs_logit_diff"] <= 1e-3
-    assert f"on 200 test images: max |logit difference| {v['max_abs_logit_diff']:.3g}" in proc.stdout
+    assert f"on 200 test images: max |logit difference| {v['max_abs_logit_diff']:.3g}" in printed
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.safetensors"]
+    assert card["files"] == ["model.safetensors", "model.onnx", "model.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in out.iterdir():  # as a plain open() makes them: safetensors alone would write 0600
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
 
 
 def test_onnx_has_a_dynamic_batch(trained, exported):
@@ -140,11 +149,11 @@ def test_ema_weights_and_flip_tta_are_exported(trained, data_root, tmp_path):
     weights = load_file(out / "model.safetensors")
     assert all(torch.equal(weights[k], ema[k]) for k in ema) and weights.keys() == ema.keys()
 
-    model = export.card_model(card, weights)
+    model = predict.model_from_card(card, weights)
     images = load_split(prepare(str(data_root)), "test", 50)[0]
-    runner = export.OnnxRunner(out / "model.onnx", card)
-    with_tta = export.TorchRunner(model, card).logits(images)
-    without = export.TorchRunner(model, {**card, "tta_flip": False}).logits(images)
+    runner = predict.OnnxRunner(out / "model.onnx", card)
+    with_tta = predict.TorchRunner(model, card).logits(images)
+    without = predict.TorchRunner(model, {**card, "tta_flip": False}).logits(images)
     assert (runner.logits(images) - with_tta).abs().max() < 1e-3 < (with_tta - without).abs().max()
 
 
@@ -160,17 +169,16 @@ def corrupt_first_conv(src, dst):
     onnx.save(model, str(dst))
 
 
-def test_verification_fails_on_a_corrupted_onnx_weight(trained, exported, data_root, tmp_path):
+def test_verification_fails_on_a_corrupted_onnx_weight(trained, exported, tmp_path, capsys):
     out, _ = exported
     corrupt_first_conv(out / "model.onnx", tmp_path / "model.onnx")
     before = (tmp_path / "model.onnx").read_bytes()
-    ckpt = ckpt_of(trained)
-    proc = run(
-        [PY, "-m", "resnet_dist.export", "--checkpoint", str(ckpt), "--out", str(tmp_path), "--verify-only"]
-        + ["data.test_subset=200"]
-    )
-    assert proc.returncode == 1
-    (line,) = proc.stderr.strip().splitlines()
+    args = ["--checkpoint", str(ckpt_of(trained)), "--out", str(tmp_path), "--verify-only"]
+    with pytest.raises(SystemExit) as e:
+        export.main([*args, "data.test_subset=200"])
+    captured = capsys.readouterr()
+    assert e.value.code == 1 and not captured.out
+    (line,) = captured.err.strip().splitlines()
     assert line.startswith("error: ") and "does not compute what the checkpoint does" in line
     assert "on 200 test images" in line
     # --verify-only writes nothing: the corrupted file is still there as it was, nothing else appeared
@@ -178,15 +186,11 @@ def test_verification_fails_on_a_corrupted_onnx_weight(trained, exported, data_r
         tmp_path / "model.onnx"
     ).read_bytes() == before
 
-    # the same check in-process: the exported file passes, the corrupted one fails on the difference
-    state, cfg, card, model = export.load_checkpoint(ckpt, ["data.test_subset=200"])
-    images = export.verification_images(cfg)
-    good = export.verify(export.TorchRunner(model, card), export.OnnxRunner(out / "model.onnx", card), images)
-    bad = export.verify(
-        export.TorchRunner(model, card), export.OnnxRunner(tmp_path / "model.onnx", card), images
-    )
-    assert good["passed"] and good["max_abs_logit_diff"] <= 1e-3 and good["top1_agreement"] == 1.0
-    assert not bad["passed"] and bad["max_abs_logit_diff"] > 1e-3
+    # it fails on the difference; the exported file passed the same check on the same images (model.json)
+    assert float(re.search(r"max \|logit difference\| (\S+) \(limit 0.001\)", line)[1]) > 1e-3
+    good = json.loads((out / "model.json").read_text())["onnx"]["verification"]
+    assert good["images"] == 200 and good["passed"] and good["max_abs_logit_diff"] <= 1e-3
+    assert good["top1_agreement"] == 1.0
 
 
 def test_a_failed_write_leaves_no_half_file(tmp_path):
@@ -198,7 +202,7 @@ def test_a_failed_write_leaves_no_half_file(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        export.atomic_write(target, half_then_fail)
+        files.atomic_write(target, half_then_fail)  # how the export writes each of its files
     assert target.read_bytes() == b"the earlier export" and [p.name for p in tmp_path.iterdir()] == [
         target.name
     ]
@@ -282,9 +286,10 @@ def test_predict_matches_evaluate_with_torch_and_onnx(trained, exported, pngs, c
     expected = evaluator.predict(model, images).argmax(1)  # what `evaluate` predicts for these images
     assert len(set(expected.tolist())) >= 3  # a model that says one class everywhere would prove little
 
-    proc = run([PY, "-m", "resnet_dist.predict", "--model", str(out), str(folder)])
-    assert proc.returncode == 1  # two files failed, the others were predicted
-    with_torch = check_predictions(proc.stdout, proc.stderr, folder, expected)
+    assert (
+        predict.main(["--model", str(out), str(folder)]) == 1
+    )  # two files failed, the others were predicted
+    with_torch = check_predictions(*capsys.readouterr(), folder, expected)
 
     assert predict.main(["--model", str(out), "--onnx", str(folder)]) == 1
     with_onnx = check_predictions(*capsys.readouterr(), folder, expected)
@@ -568,10 +573,17 @@ def test_pillow_warnings_are_one_line_per_image(trained, data_root, tmp_path):
 
 
 def test_the_card_names_one_class_per_output():
-    assert export.class_names(10) == list(CLASSES)
-    assert export.class_names(12) == [*CLASSES, "class 10", "class 11"] and export.class_names(3) == list(
+    assert predict.class_names(10) == list(CLASSES)
+    assert predict.class_names(12) == [*CLASSES, "class 10", "class 11"] and predict.class_names(3) == list(
         CLASSES[:3]
     )
+
+
+def test_a_checkpoint_before_its_first_evaluation_has_no_last_test(trained):
+    state = checkpoint.load(ckpt_of(trained))
+    assert export.last_test(state)["samples"] == 999
+    state.pop("history")  # optional in a checkpoint (checkpoint.OPTIONAL), empty before the first epoch ends
+    assert export.last_test(state) is None and export.last_test({**state, "history": []}) is None
 
 
 def listing(folder: Path) -> dict:
@@ -628,8 +640,6 @@ def test_export_never_replaces_files_it_did_not_write(trained, tmp_path, capsys)
 
 
 def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path):
-    from resnet_dist import exportdir
-
     out = tmp_path / "export"
     out.mkdir()
     (out / "model.json").write_text(json.dumps({"format": exportdir.FORMAT, "files": ["model.json"]}))
@@ -639,6 +649,21 @@ def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path):
             (new / "model.json").write_text("half an export")
             raise RuntimeError("verification failed")
     assert listing(out) == before and [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_which_files_an_export_wrote_is_read_from_its_model_json(tmp_path):
+    """An export of any version of the format is ours when its model.json lists its files; a model.json
+    without that list, of another format, or not a JSON object at all is the user's: the folder is refused."""
+    (tmp_path / "model.onnx").write_bytes(b"an export's model")
+    ours = {"format": "resnet_dist export 1", "files": ["model.onnx", "model.json"]}
+    (tmp_path / "model.json").write_text(json.dumps(ours))
+    exportdir.check_replaceable(tmp_path)
+    for card in [{**ours, "files": None}, {"format": "onnx"}, {**ours, "format": 1}, ["model.onnx"], "text"]:
+        (tmp_path / "model.json").write_text(json.dumps(card))
+        with pytest.raises(
+            exportdir.ExportDirError, match=r"no model.json of an export \(model.json, model.onnx\)"
+        ):
+            exportdir.check_replaceable(tmp_path)
 
 
 def dead_pid() -> int:
@@ -653,8 +678,6 @@ def test_an_export_set_aside_by_a_killed_swap_is_put_back(tmp_path):
     """A kill between the swap's two renames leaves the previous export aside and no folder in its place: the
     next export puts it back first (then replaces it, or leaves it there if it fails)."""
     import socket
-
-    from resnet_dist import exportdir
 
     out = tmp_path / "export"
     aside = tmp_path / f".export.old-{socket.gethostname()}-{dead_pid()}"
@@ -671,7 +694,6 @@ def test_an_export_set_aside_by_a_killed_swap_is_put_back(tmp_path):
 def test_sigkill_during_the_onnx_verification_keeps_the_previous_export(trained, exported, tmp_path, capsys):
     """A real export killed (SIGKILL) while it verifies its new model.onnx: the previous export, model.onnx
     included, is untouched and loads; the next export removes the killed one's folder."""
-    import os
     import signal
     import subprocess
     import time
