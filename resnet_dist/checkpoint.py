@@ -22,7 +22,7 @@ import torch
 
 from . import files
 from .distributed import rank0_decides
-from .errors import RunError, UsageError
+from .errors import RunError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,7 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or unsafe all mean "not usable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a valid checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"{path}: not a valid checkpoint ({first_line(e)})") from None
     if problem := structure_problem(state):
         raise CheckpointError(f"{path}: not a complete resnet_dist checkpoint: {problem}")
     if not finite(state):

@@ -55,35 +55,14 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     )
     argparse_error = parser.error
 
-    def error(message: str) -> NoReturn:  # argparse's lines, from one process of a launch (usage_error)
+    def error(message: str) -> NoReturn:  # argparse's lines, from one process of a launch (see report)
         if not distributed.speaks():
-            fail(message, 2, quiet=True)
+            distributed.wait_for_launcher()
+            sys.exit(2)
         argparse_error(message)
 
     parser.error = error
     return parser.parse_intermixed_args(argv)
-
-
-def first_line(e: BaseException) -> str:
-    """An exception's message in one line for an error line: its first line (at most 200 characters), or its
-    type's name when it has none."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-def fail(msg: str, code: int = 1, quiet: bool = False) -> NoReturn:
-    """One line on stderr and exit `code`: 2 for usage, config and launch errors, 1 for run-time failures.
-    `quiet`: exit without the line (the ranks other than 0, when rank 0 says it for all)."""
-    if quiet:
-        distributed.wait_for_launcher()
-    else:
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def usage_error(msg: str) -> NoReturn:
-    """A mistake in the command line or config: one line and exit 2. Under a launcher, every rank hits it and
-    rank 0 alone says it (distributed.speaks); the others exit 2 quietly."""
-    fail(msg, 2, quiet=not distributed.speaks())
 
 
 def setup_logging(is_main: bool) -> None:
@@ -106,9 +85,3 @@ def report(e: UsageError | RunError, env=None) -> int:
     elif env is None:
         distributed.wait_for_launcher()
     return e.exit_code
-
-
-def launch_error(e: Exception) -> NoReturn:
-    """A launch mistake (distributed.LaunchError): one line and exit 2, from the first process of each node,
-    since it comes from that node's environment."""
-    fail(str(e), 2, quiet=not distributed.speaks(per_node=True))

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 
 class ConfigError(UsageError):
     """A usage error in the config: unknown key, wrong type or invalid value (exit 2)."""
+
+    every_rank = True  # every rank reads the same config
 
 
 def knob(default, doc: str, choices: tuple = (), check=None, msg: str = "", path: bool = False):
@@ -435,7 +437,7 @@ def read_yaml(path: str) -> dict:
     except RepeatedKey as e:
         raise ConfigError(f"config file {path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .errors import RunError, UsageError
+from .errors import RunError, UsageError, first_line
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def tasks_per_node(spec: str) -> list[int]:
 
 
 class LaunchError(UsageError):
-    """A launch mistake: main() prints it as one line (cli.launch_error) and exits 2, before any process
+    """A launch mistake: main() prints it as one line (cli.report) and exits 2, before any process
     group exists."""
 
 
@@ -492,7 +492,7 @@ def rendezvous_error(e: BaseException, timeout_s: float, info: dict) -> BaseExce
             "MASTER_PORT (torchrun --rdzv-endpoint=HOST:0 picks one)"
         )
     if "waiting for clients" in text or "connect to" in text or "timed out" in text.lower():
-        first = text.strip().splitlines()[0][:200]
+        first = first_line(e)
         return LaunchError(
             f"rank {info['rank']}: the {info['world_size']} ranks did not all meet at {where} within "
             f"dist.timeout_s={timeout_s:g}s ({first}): start every rank, with the same MASTER_ADDR/PORT"
@@ -582,7 +582,7 @@ def explain_failure(e: BaseException, timeout_s: int) -> str | None:
     )
     if not (isinstance(e, getattr(dist, "DistError", ())) or any(m in text for m in markers)):
         return None
-    first = text.strip().splitlines()[0][:300]
+    first = f"{type(e).__name__}: {first_line(e)}"
     return (
         f"a collective operation failed ({first}). Likely cause: another rank died (out of memory, killed, "
         f"crashed: see its log) or stopped responding for over dist.timeout_s={timeout_s}s"

@@ -12,6 +12,12 @@ rank 0 alone says it. Otherwise the rank that met it says it.
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message for a one-line report: its first line (at most 200 characters), or its type's
+    name when it has none."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 class UsageError(Exception):
     exit_code = 2
     every_rank = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -21,9 +22,12 @@ import torch
 from torch import nn
 
 from . import checkpoint, cli, config, exportdir, files
-from .data import DataError, check_root, load_split, prepare
+from .data import check_root, load_split, prepare
+from .errors import RunError, UsageError
 from .evaluate import check_overrides
-from .predict import INSTALL_HINT, ExportError, OnnxRunner, TorchRunner, inference_card, load_checkpoint
+from .predict import INSTALL_HINT, OnnxRunner, TorchRunner, inference_card, load_checkpoint
+
+log = logging.getLogger("resnet_dist.export")  # not __name__: run as __main__ by python -m
 
 FORMATS = ("safetensors", "onnx")
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")  # onnxscript: the dynamo exporter writes through it
@@ -170,7 +174,9 @@ def write_export(state: dict, card: dict, out: Path, formats, model=None, images
                 TorchRunner(model, card), OnnxRunner(new / "model.onnx", card), images
             )
             if not v["passed"]:
-                raise ExportError(f"the ONNX export does not compute what the checkpoint does {describe(v)}")
+                raise VerificationFailed(
+                    f"the ONNX export does not compute what the checkpoint does {describe(v)}"
+                )
             files.append("model.onnx")
         card["files"] = [*files, "model.json"]
         text = json.dumps(card, indent=1) + "\n"
@@ -190,8 +196,12 @@ def parse_formats(text: str) -> tuple[str, ...]:
     formats = tuple(f.strip() for f in text.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
-        cli.usage_error(f"--format takes {' and/or '.join(FORMATS)} (comma-separated), got {text!r}")
+        raise UsageError(f"--format takes {' and/or '.join(FORMATS)} (comma-separated), got {text!r}")
     return formats
+
+
+class VerificationFailed(RunError):
+    """model.onnx does not compute what the checkpoint does: exit 1, and no model.onnx is left in place."""
 
 
 def main(argv=None) -> int:
@@ -208,14 +218,19 @@ def main(argv=None) -> int:
         help="check DIR/model.onnx against the checkpoint; write nothing",
     )
     args = cli.parse(p, sys.argv[1:] if argv is None else argv)
-    path = cli.expand_path(args.checkpoint)
+    try:
+        return export(args)
+    except (UsageError, RunError) as e:
+        return cli.report(e)
+
+
+def export(args) -> int:
+    path = cli.checkpoint_file(args.checkpoint)
     formats = parse_formats(args.format) if args.format else FORMATS
-    if not path.is_file():
-        cli.usage_error(f"no checkpoint file at {path}")
     out = (cli.expand_path(args.out) if args.out else default_out(path)).absolute()
     what = "--out" if args.out else "the export folder"
     if args.verify_only and not (out / "model.onnx").is_file():
-        cli.usage_error(f"--verify-only: no model.onnx in {out}")
+        raise UsageError(f"--verify-only: no model.onnx in {out}")
     if not args.verify_only:  # written into, and built beside it: both must take files
         out = cli.out_folder(str(out), what)
         cli.out_folder(str(out.parent), f"{what} {out}: its parent folder")
@@ -224,38 +239,34 @@ def main(argv=None) -> int:
     if missing:
         msg = f"no ONNX export: {', '.join(missing)} not installed here ({INSTALL_HINT} installs them)"
         if args.format or args.verify_only:  # asked for by name: a failure, before anything is written
-            cli.fail(msg)
-        print(f"warning: {msg}", file=sys.stderr, flush=True)  # by default: a warning, and no model.onnx
+            raise RunError(msg)
+        log.warning(msg)  # by default: a warning, and no model.onnx
         formats, wants_onnx = ("safetensors",), False
+    check_overrides(args.overrides, "export")  # before the checkpoint: cheaper
+    if not args.verify_only:
+        exportdir.check_replaceable(Path(os.path.realpath(out)))
+    state, cfg, model = load_checkpoint(path, args.overrides)
+    card = checkpoint_card(state, cfg, path)
+    if wants_onnx:  # the verification reads the test set
+        check_root(cfg.data.root)
+    images = verification_images(cfg) if wants_onnx else None
+    if args.verify_only:
+        v = verify(TorchRunner(model, card), OnnxRunner(out / "model.onnx", card), images)
+        if not v["passed"]:
+            raise VerificationFailed(
+                f"{out / 'model.onnx'} does not compute what the checkpoint does {describe(v)}"
+            )
+        print(f"verified {out / 'model.onnx'} {describe(v)}", flush=True)
+        return 0
     try:
-        check_overrides(args.overrides, "export")  # before the checkpoint: cheaper
-        if not args.verify_only:
-            exportdir.check_replaceable(Path(os.path.realpath(out)))
-        state, cfg, model = load_checkpoint(path, args.overrides)
-        card = checkpoint_card(state, cfg, path)
-        if wants_onnx:  # the verification reads the test set
-            check_root(cfg.data.root)
-    except (checkpoint.CheckpointError, config.ConfigError, exportdir.ExportDirError) as e:
-        cli.usage_error(str(e))
-
-    try:
-        images = verification_images(cfg) if wants_onnx else None
-        if args.verify_only:
-            v = verify(TorchRunner(model, card), OnnxRunner(out / "model.onnx", card), images)
-            if not v["passed"]:
-                cli.fail(f"{out / 'model.onnx'} does not compute what the checkpoint does {describe(v)}")
-            print(f"verified {out / 'model.onnx'} {describe(v)}", flush=True)
-            return 0
         written = write_export(state, card, out, formats, model, images)
-    except (DataError, ExportError, exportdir.ExportDirError) as e:
-        cli.fail(str(e))
     except OSError as e:  # the folders themselves: a full disk, a mount point, ...
-        cli.fail(f"could not write the export into {out}: {e.strerror or e}; an earlier export there is kept")
+        raise RunError(
+            f"could not write the export into {out}: {e.strerror or e}; an earlier export there is kept"
+        ) from None
     if card["onnx"]:
-        print(
-            f"verified {out / 'model.onnx'} {describe(card['onnx']['verification'])} (opset {card['onnx']['opset']})",
-            flush=True,
-        )
+        o = card["onnx"]
+        print(f"verified {out / 'model.onnx'} {describe(o['verification'])} (opset {o['opset']})", flush=True)
     print("wrote " + ", ".join(map(str, written)), flush=True)
     return 0
 

@@ -11,6 +11,7 @@ lists. Any other file is refused, never deleted.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -18,10 +19,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
 FORMAT = "resnet_dist export 2"  # model.json's "format"; any version's "files" says what it wrote
 
 
-class ExportDirError(RuntimeError):
+class ExportDirError(UsageError):
     """The folder holds files an export did not write: exit 2, nothing written."""
 
 
@@ -128,7 +133,7 @@ def replaced(out: Path) -> Iterator[Path]:
     holds foreign files."""
     out = Path(os.path.realpath(out))  # a symlink to the folder: replace its target, keep the link
     for line in clean_stale(out):
-        print(line, flush=True)
+        log.info(line)
     check_replaceable(out)
     new = beside(out, "export", os.getpid())
     shutil.rmtree(new, ignore_errors=True)

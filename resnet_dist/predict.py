@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -26,8 +27,11 @@ from torch import nn
 
 from . import checkpoint, cli, config
 from .data import CLASSES, IMAGE_SIZE, MEAN, STD, normalize
+from .errors import UsageError, first_line
 from .evaluate import Evaluator, checkpoint_config, load_model
 from .model import build_model
+
+log = logging.getLogger("resnet_dist.predict")  # not __name__: run as __main__ by python -m
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 CHUNK = 256  # images read and predicted at a time: memory stays flat on any folder
@@ -39,7 +43,7 @@ CPU = torch.device("cpu")
 # verification compares them).
 
 
-class ExportError(RuntimeError):
+class ExportError(UsageError):
     """An export folder, model card or model file that cannot be used (exit 2), or an ONNX file that fails
     its check (export: exit 1)."""
 
@@ -81,7 +85,7 @@ def read_card(folder: Path) -> dict:
         ) from None
     except (OSError, ValueError, KeyError, TypeError, config.ConfigError) as e:
         raise ExportError(
-            f"{path} is not a usable model card ({type(e).__name__}: {cli.first_line(e)})"
+            f"{path} is not a usable model card ({type(e).__name__}: {first_line(e)})"
         ) from None
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise ExportError(f"{path} is not a usable model card: 'classes' is not a list of names")
@@ -114,7 +118,7 @@ def load_exported(folder: Path) -> tuple[dict, nn.Module]:
     try:
         return card, model_from_card(card, load_file(path))
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise ExportError(f"{path}: cannot load these weights ({cli.first_line(e)})") from None
+        raise ExportError(f"{path}: cannot load these weights ({first_line(e)})") from None
 
 
 def load_checkpoint(path: Path, overrides=()) -> tuple[dict, config.Config, nn.Module]:
@@ -151,7 +155,7 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types: truncated, not ONNX, ...
-            raise ExportError(f"{path}: onnxruntime cannot load it ({cli.first_line(e)})") from None
+            raise ExportError(f"{path}: onnxruntime cannot load it ({first_line(e)})") from None
         self.runtime = f"onnxruntime {ort.__version__} CPUExecutionProvider"
         (inp,), (out,) = self.session.get_inputs(), self.session.get_outputs()
         n = len(card["classes"])
@@ -242,10 +246,10 @@ def read_image(path: Path, invert: bool) -> torch.Tensor:
                 img.load()  # decode now: a truncated file fails here, not later
                 x = torch.from_numpy(to_input(img, invert).copy()).unsqueeze(0)
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-            raise ImageError(f"{path}: not a readable image ({cli.first_line(e)})") from None
+            raise ImageError(f"{path}: not a readable image ({first_line(e)})") from None
     said = dict.fromkeys(" ".join(str(w.message).split())[:200] for w in caught)  # each once, in order
     if said:
-        print(f"warning: {path}: {'; '.join(said)}", file=sys.stderr, flush=True)
+        log.warning(f"{path}: {'; '.join(said)}")
     return x
 
 
@@ -267,29 +271,26 @@ def image_files(args: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def load_runner(model: Path, use_onnx: bool):
-    """(card, runner) for --model: an export folder (safetensors or, with --onnx, model.onnx) or a checkpoint.
-    Usage errors exit 2 with one line."""
-    try:
-        if model.is_dir():
-            if not use_onnx:
-                card, net = load_exported(model)
-                return card, TorchRunner(net, card)
-            card = read_card(model)
-            if not (model / "model.onnx").is_file():
-                raise ExportError(f"{model} has no model.onnx (python -m resnet_dist.export --format onnx)")
-            try:
-                return card, OnnxRunner(model / "model.onnx", card)
-            except ImportError:
-                raise ExportError(f"--onnx needs onnxruntime: {INSTALL_HINT}") from None
-        if not model.is_file():
-            raise ExportError(f"no model at {model} (an export folder or a .pt checkpoint)")
-        if use_onnx:
-            raise ExportError(f"--onnx needs an export folder with model.onnx, not the checkpoint {model}")
-        _, cfg, net = load_checkpoint(model)
-        card = inference_card(cfg)
-        return card, TorchRunner(net, card)
-    except (ExportError, checkpoint.CheckpointError, config.ConfigError) as e:
-        cli.usage_error(str(e))
+    """(card, runner) for --model: an export folder (safetensors or, with --onnx, model.onnx) or a checkpoint;
+    ExportError (or CheckpointError, ConfigError) in one line when it cannot be used."""
+    if model.is_dir():
+        if not use_onnx:
+            card, net = load_exported(model)
+            return card, TorchRunner(net, card)
+        card = read_card(model)
+        if not (model / "model.onnx").is_file():
+            raise ExportError(f"{model} has no model.onnx (python -m resnet_dist.export --format onnx)")
+        try:
+            return card, OnnxRunner(model / "model.onnx", card)
+        except ImportError:
+            raise ExportError(f"--onnx needs onnxruntime: {INSTALL_HINT}") from None
+    if not model.is_file():
+        raise ExportError(f"no model at {model} (an export folder or a .pt checkpoint)")
+    if use_onnx:
+        raise ExportError(f"--onnx needs an export folder with model.onnx, not the checkpoint {model}")
+    _, cfg, net = load_checkpoint(model)
+    card = inference_card(cfg)
+    return card, TorchRunner(net, card)
 
 
 def top_k(logits: torch.Tensor, classes: list[str], k: int) -> list[list[dict]]:
@@ -313,15 +314,17 @@ def main(argv=None) -> int:
     p.add_argument("--onnx", action="store_true", help="run the export folder's model.onnx with onnxruntime")
     p.add_argument("--top", type=int, metavar="K", help="how many classes per image (default 3)")
     args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    card, runner = load_runner(cli.expand_path(args.model), args.onnx)
-    classes = card["classes"]
-    top = min(3, len(classes)) if args.top is None else args.top
-    if not 1 <= top <= len(classes):
-        cli.usage_error(f"--top must be between 1 and {len(classes)} (the model's classes), got {top}")
-
+    try:
+        card, runner = load_runner(cli.expand_path(args.model), args.onnx)
+        classes = card["classes"]
+        top = min(3, len(classes)) if args.top is None else args.top
+        if not 1 <= top <= len(classes):
+            raise UsageError(f"--top must be between 1 and {len(classes)} (the model's classes), got {top}")
+    except UsageError as e:
+        return cli.report(e)
     files, errors = image_files(args.images)
     for e in errors:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        log.error(e)
     failed = len(errors)
     for start in range(0, len(files), CHUNK):
         read, images = [], []
@@ -330,7 +333,7 @@ def main(argv=None) -> int:
                 images.append(read_image(path, args.invert))
                 read.append(path)
             except ImageError as e:
-                print(f"error: {e}", file=sys.stderr, flush=True)
+                log.error(e)
                 failed += 1
         if not images:
             continue

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import RunError, UsageError
+from .config import ConfigError
+from .errors import RunError, first_line
 from .metrics import TrainMeter
 from .optim import EMA, LossScaler, NoEMA, NoScaler, Schedule
 
@@ -54,7 +55,7 @@ def plan(setting: str, graphs: bool, precision: str, world_size: int, backend: s
     ]
     why = next((text for bad, text in reasons if bad), None)
     if why and setting == "on":
-        raise UsageError(f"train.cuda_graphs=on cannot capture this run ({why}): use auto or off")
+        raise ConfigError(f"train.cuda_graphs=on cannot capture this run ({why}): use auto or off")
     if why is None and world_size > 1 and setting == "auto":
         why = "several GPUs: capture under DDP is not yet verified on 2+ GPUs (train.cuda_graphs=on tries it)"
     return why
@@ -287,8 +288,7 @@ def capture(
         raise
     except Exception as err:  # noqa: BLE001 - any capture failure: one line, and the caller falls back or stops
         state.restore()
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise CaptureError(f"capturing the step failed ({type(err).__name__}: {first})") from None
+        raise CaptureError(f"capturing the step failed ({type(err).__name__}: {first_line(err)})") from None
     state.restore()
     why = disagreement(e, c, TOLERANCE.get(precision, TOLERANCE["bf16"]))
     if why:

@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .data import CLASSES
+from .errors import first_line
 from .metrics import EpochMedia, NullLogger, scalars
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,7 @@ def warn(msg: str, env=os.environ) -> None:
 
 
 def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def api_key_configured(env=os.environ) -> bool:

@@ -137,7 +137,7 @@ def test_a_signal_while_preparing_keeps_nothing_and_the_next_preparation_clears_
         if sig == signal.SIGTERM:
             assert proc.returncode == 143
             assert err.strip().splitlines() == [
-                "stopped by SIGTERM while preparing the data; nothing was kept"
+                "error: stopped by SIGTERM while preparing the data; nothing was kept"
             ]
             assert list(folder.iterdir()) == []
     leftovers = sorted(p.name for p in folder.iterdir())
