@@ -157,17 +157,17 @@ def verification_images(cfg: config.Config) -> torch.Tensor:
 
 def write_export(state: dict, card: dict, out: Path, formats, model=None, images=None) -> list[Path]:
     """The export of `formats` into `out`, built beside it and swapped in whole (exportdir.replaced):
-    model.safetensors, model.onnx verified on `images` (ExportError when it fails), then model.json, which
+    model.safetensors, model.onnx verified on `images` (VerificationFailed when it fails), then model.json, which
     lists them. A failure leaves an earlier export in `out` as it was. Returns the files, as they are in `out`."""
     from safetensors.torch import save_file
 
     with exportdir.replaced(out) as new:
-        files = []
+        written = []
         if "safetensors" in formats:
             weights = {k: v.contiguous() for k, v in checkpoint.evaluated_weights(state).items()}
             meta = {"format": "pt", "producer": "resnet_dist"}
             files.atomic_write(new / "model.safetensors", lambda p: save_file(weights, p, metadata=meta))
-            files.append("model.safetensors")
+            written.append("model.safetensors")
         if "onnx" in formats:
             card["onnx"] = write_onnx(model, card, new / "model.onnx")
             card["onnx"]["verification"] = v = verify(
@@ -177,8 +177,8 @@ def write_export(state: dict, card: dict, out: Path, formats, model=None, images
                 raise VerificationFailed(
                     f"the ONNX export does not compute what the checkpoint does {describe(v)}"
                 )
-            files.append("model.onnx")
-        card["files"] = [*files, "model.json"]
+            written.append("model.onnx")
+        card["files"] = [*written, "model.json"]
         text = json.dumps(card, indent=1) + "\n"
         files.atomic_write(new / "model.json", lambda p: p.write_text(text))
     return [out / name for name in card["files"]]

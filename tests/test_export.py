@@ -20,7 +20,7 @@ from resnet_dist.data import CLASSES, MEAN, STD, load_split, normalize, prepare
 from resnet_dist.evaluate import Evaluator, checkpoint_config, load_model
 from resnet_dist.model import build_model
 
-from .helpers import PY, epochs, read_metrics, run, small_run
+from .helpers import PY, epochs, exit_code, read_metrics, run, small_run
 from .wandb_reader import read_run, wandb_files
 
 CPU = torch.device("cpu")
@@ -174,10 +174,9 @@ def test_verification_fails_on_a_corrupted_onnx_weight(trained, exported, tmp_pa
     corrupt_first_conv(out / "model.onnx", tmp_path / "model.onnx")
     before = (tmp_path / "model.onnx").read_bytes()
     args = ["--checkpoint", str(ckpt_of(trained)), "--out", str(tmp_path), "--verify-only"]
-    with pytest.raises(SystemExit) as e:
-        export.main([*args, "data.test_subset=200"])
+    code = exit_code(export.main, [*args, "data.test_subset=200"])
     captured = capsys.readouterr()
-    assert e.value.code == 1 and not captured.out
+    assert code == 1 and not captured.out
     (line,) = captured.err.strip().splitlines()
     assert line.startswith("error: ") and "does not compute what the checkpoint does" in line
     assert "on 200 test images" in line
@@ -216,10 +215,9 @@ def test_export_usage_errors_exit_2_with_one_line(trained, tmp_path, capsys):
         (["--checkpoint", str(ckpt_of(trained)), "--format", "pdf"], "--format takes"),
         (["--checkpoint", str(ckpt_of(trained)), "--out", str(tmp_path), "--verify-only"], "no model.onnx"),
     ]:
-        with pytest.raises(SystemExit) as e:
-            export.main(args)
+        code = exit_code(export.main, args)
         (line,) = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and line.startswith("error: ") and words in line, (args, line)
+        assert code == 2 and line.startswith("error: ") and words in line, (args, line)
     assert not any(tmp_path.iterdir())
 
 
@@ -357,11 +355,10 @@ def test_predict_usage_errors_exit_2_with_one_line(trained, exported, pngs, tmp_
         (["--model", str(ckpt_of(trained)), "--onnx", str(folder)], "--onnx needs an export folder"),
         (["--model", str(out), "--top", "0", str(folder)], "--top must be between 1 and 10"),
     ]:
-        with pytest.raises(SystemExit) as e:
-            predict.main(args)
+        code = exit_code(predict.main, args)
         captured = capsys.readouterr()
         (line,) = captured.err.strip().splitlines()
-        assert e.value.code == 2 and line.startswith("error: ") and words in line, (args, line)
+        assert code == 2 and line.startswith("error: ") and words in line, (args, line)
         assert captured.out == ""
 
 
@@ -420,11 +417,10 @@ def test_out_that_is_a_file_exits_2_and_the_file_stays(trained, tmp_path, capsys
         (export.main, ["--checkpoint", ckpt, "--out", str(a_file / "export"), "--format", "safetensors"]),
         (plots.main, ["--checkpoint", ckpt, "--out", str(a_file)]),
     ]:
-        with pytest.raises(SystemExit) as e:
-            main(args)
+        code = exit_code(main, args)
         captured = capsys.readouterr()
         (line,) = captured.err.strip().splitlines()
-        assert e.value.code == 2 and f"{a_file} is a file, not a folder" in line and not captured.out, line
+        assert code == 2 and f"{a_file} is a file, not a folder" in line and not captured.out, line
     assert [p.name for p in tmp_path.iterdir()] == [
         "model.txt"
     ] and a_file.read_text() == "the user's notes\n"
@@ -617,18 +613,12 @@ def test_export_never_replaces_files_it_did_not_write(trained, tmp_path, capsys)
     ]:
         before = listing(folder)
         for formats in ("safetensors", "safetensors,onnx"):
-            with pytest.raises(SystemExit) as e:
-                export.main(["--checkpoint", ckpt, "--out", str(folder), "--format", formats])
+            code = exit_code(export.main, ["--checkpoint", ckpt, "--out", str(folder), "--format", formats])
             captured = capsys.readouterr()
             (line,) = captured.err.strip().splitlines()
-            assert (
-                e.value.code == 2
-                and line
-                == f"error: {folder} holds {names}: an export replaces its folder "
-                + (
-                    "whole, so it writes only into a new or empty folder or over an earlier export; move those files "
-                    "or choose another --out"
-                )
+            assert code == 2 and line == f"error: {folder} holds {names}: an export replaces its folder " + (
+                "whole, so it writes only into a new or empty folder or over an earlier export; move those files "
+                "or choose another --out"
             )
             assert listing(folder) == before and not captured.out
 
