@@ -578,14 +578,6 @@ def default() -> None:
         say("default: SKIPPED (does not fit in the time left; GPU_CHECK_DEFAULT=1 runs it)")
 
 
-def compiled() -> None:
-    """torch.compile: images/s, and the first step's time (the compilation)."""
-    if DRY:
-        say("bench_compiled: skipped in the dry run (compiling on CPU takes minutes)")
-        return
-    bench("bench_compiled", "configs/default.yaml", "train.compile=true", budget_s=240)
-
-
 def original_pipeline() -> None:
     """The original recipe's 224x224 input: torchvision's per-sample DataLoader against our on-device batches."""
     size = ["data.resize=56"] if DRY else []
@@ -609,7 +601,6 @@ STEPS = (
     seed224,
     throughput,
     default,
-    compiled,
     original_pipeline,
 )
 

@@ -24,20 +24,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import cli, config, distributed
+from . import cli, config, distributed, launchcheck, launchenv
 from .data import MEAN, STD, load_split, load_splits, normalize, prepare
 from .errors import RunError, UsageError
 from .model import build_model, memory_format
-from .optim import autocast_for, configure_backends, make_optimizer, resolve_precision
+from .optim import autocast_for, make_optimizer, resolve_precision
 from .perf import Clock, device_name, matmul_ceiling_tflops, peak_tflops, train_flops_per_image
 from .trainer import Trainer
 
 
 def bare_step_fn(cfg, env, precision):
     """A plain model and optimizer: forward, backward, step; nothing else."""
-    model = build_model(cfg.model).to(
-        env.device, memory_format=memory_format(env.device, cfg.train.channels_last)
-    )
+    model = build_model(cfg.model).to(env.device, memory_format=memory_format(env.device))
     opt = make_optimizer(model, cfg.train, env.device, precision)
     autocast = autocast_for(precision, env.device)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -59,9 +57,7 @@ def batches(cfg, env, mode, per_rank, trainer=None, workers=4):
         return itertools.chain.from_iterable(trainer.batches.epoch(e, trainer.gen) for e in itertools.count())
     if mode == "bare":  # one real batch, normalized (and resized) once, used for every step
         x, y = load_split(prepare(cfg.data.root, cfg.data.mirror), "train", per_rank)
-        x = normalize(x.to(dev), cfg.data.resize).contiguous(
-            memory_format=memory_format(dev, cfg.train.channels_last)
-        )
+        x = normalize(x.to(dev), cfg.data.resize).contiguous(memory_format=memory_format(dev))
         return itertools.repeat((x, y.to(dev)))
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
@@ -91,7 +87,7 @@ def batches(cfg, env, mode, per_rank, trainer=None, workers=4):
 
 
 def first_step_seconds(step, it, clock) -> float:
-    """Seconds of the first step, to its end on the device: with train.compile, the compilation."""
+    """Seconds of the first step, to its end on the device."""
     start = clock.mark()
     step(*next(it))
     return clock.seconds(start, clock.mark())
@@ -190,7 +186,6 @@ def run(cfg, env, mode: str, steps: int, warmup: int, workers: int, data=None) -
         "stem": cfg.model.stem,
         "image_size": cfg.data.resize or 28,
         "global_batch": cfg.train.batch_size,
-        "compile": cfg.train.compile,
         "ema": cfg.train.ema_decay > 0 and mode == "trainer",
         "step": how if trainer else "eager",
         "capture_s": trainer.capture_s if trainer else 0.0,
@@ -256,8 +251,7 @@ def table(r: dict) -> str:
         ("device", f"{r['device']} x {r['world_size']}"),
         (
             "setup",
-            f"{r['stem']} stem, {r['image_size']}px, global batch {r['global_batch']}, {r['precision']}"
-            + (", compiled" if r["compile"] else ""),
+            f"{r['stem']} stem, {r['image_size']}px, global batch {r['global_batch']}, {r['precision']}",
         ),
         ("step", r["step"]),
         ("capture s", f"{r['capture_s']:.2f}"),
@@ -321,10 +315,9 @@ def main(argv=None) -> int:
             raise UsageError(
                 f"--batches takes per-GPU batch sizes of 2 or more, comma-separated; got {args.batches!r}"
             ) from None
-        cfg = config.load(args.config, args.overrides, world_size=distributed.detect()["world_size"])
-        env = distributed.setup(cfg.dist.timeout_s, cfg.dist.backend)
+        cfg = config.load(args.config, args.overrides, world_size=launchenv.detect()["world_size"])
+        env = launchcheck.start(cfg.dist.timeout_s, cfg.dist.backend, cfg.run.deterministic)
         cli.setup_logging(env.is_main)
-        configure_backends(env.device, cfg.run.deterministic)
         if batches_arg:
             result = sweep(cfg, env, batches_arg, args.steps, args.warmup)
             text = sweep_table(result)

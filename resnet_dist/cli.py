@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import distributed, files
+from . import files, launchcheck
 from .errors import RunError, UsageError
+from .launchenv import LaunchError
 
 
 def checkpoint_parser(module: str, doc: str, checkpoint_help: str, out_help: str) -> argparse.ArgumentParser:
@@ -56,8 +57,8 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     argparse_error = parser.error
 
     def error(message: str) -> NoReturn:  # argparse's lines, from one process of a launch (see report)
-        if not distributed.speaks():
-            distributed.wait_for_launcher()
+        if not launchcheck.speaks():
+            launchcheck.wait_for_launcher()
             sys.exit(2)
         argparse_error(message)
 
@@ -73,15 +74,15 @@ def setup_logging(is_main: bool) -> None:
 
 def report(e: UsageError | RunError, env=None) -> int:
     """The one line of a UsageError or RunError, said once; its exit code. Before the process group exists
-    (`env` None) every process of a launch meets the same error: one says it (distributed.speaks) and the
+    (`env` None) every process of a launch meets the same error: one says it (launchcheck.speaks) and the
     others wait for the launcher to stop them. Afterwards rank 0 says an error every rank holds
     (`every_rank`), and each rank its own."""
     if env is None:
-        speaks = distributed.speaks(per_node=isinstance(e, distributed.LaunchError))
+        speaks = launchcheck.speaks(per_node=isinstance(e, LaunchError))
     else:
         speaks = env.is_main or not e.every_rank
     if speaks:
         print(f"error: {e}", file=sys.stderr, flush=True)
     elif env is None:
-        distributed.wait_for_launcher()
+        launchcheck.wait_for_launcher()
     return e.exit_code

@@ -91,7 +91,6 @@ class ModelConfig:
         choices=("imagenet", "cifar"),
     )
     init: str = knob("xavier", "weight init: xavier (original) or kaiming", choices=("xavier", "kaiming"))
-    num_classes: int = checked(10, "output classes", positive)
     sync_bn: bool = knob(
         False, "BatchNorm statistics over the whole global batch under DDP (SyncBatchNorm, GPUs)"
     )
@@ -124,8 +123,6 @@ class TrainConfig:
         "auto, bf16, fp16 or fp32 (auto: bf16 / fp16 on GPU, fp32 on CPU)",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
-    channels_last: bool = knob(True, "channels_last memory format (CUDA only)")
-    compile: bool = knob(False, "torch.compile the model (CUDA: ~1.2x after a one-off warm-up)")
     cuda_graphs: str = knob(
         "auto",
         "capture the training step and the evaluation as CUDA graphs: auto (on one GPU in bf16/fp32, eager "

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, cli, config, distributed, files
+from . import checkpoint, cli, config, distributed, files, launchcheck
 from .data import CLASSES, check_root, eval_shard, load_split, normalize, prepare
 from .distributed import DistEnv
 from .errors import RunError, UsageError
@@ -43,7 +43,7 @@ class Evaluator:
     precision: str
     device: torch.device
     memory_format: torch.memory_format
-    num_classes: int = 10
+    num_classes: int = len(CLASSES)
 
     @classmethod
     def from_config(cls, cfg: config.Config, device: torch.device) -> Evaluator:
@@ -53,8 +53,7 @@ class Evaluator:
             cfg.train.tta_flip,
             resolve_precision(cfg.train.precision, device),
             device,
-            memory_format(device, cfg.train.channels_last),
-            cfg.model.num_classes,
+            memory_format(device),
         )
 
     @torch.no_grad()
@@ -192,7 +191,7 @@ def load_model(state: dict, cfg: config.Config, device: torch.device) -> nn.Modu
     """The model a checkpoint evaluates: its EMA weights when the run had them, else the model's."""
     model = build_model(cfg.model)
     model.load_state_dict(checkpoint.evaluated_weights(state))
-    return model.to(device, memory_format=memory_format(device, cfg.train.channels_last))
+    return model.to(device, memory_format=memory_format(device))
 
 
 # What evaluate and export take as KEY=VALUE: where the test data comes from, how much of it, how fast it
@@ -289,7 +288,7 @@ def main(argv=None) -> int:
         cfg = checkpoint_config(state, args.overrides)
         check_root(cfg.data.root)
         applied = {k: config.flat(cfg.to_dict())[k] for k in given}
-        env = distributed.setup(cfg.dist.timeout_s, cfg.dist.backend)
+        env = launchcheck.start(cfg.dist.timeout_s, cfg.dist.backend)
         cli.setup_logging(env.is_main)
         raw = prepare(cfg.data.root, cfg.data.mirror)  # one process prepares, under a lock
         test_x, test_y = (t.to(env.device) for t in load_split(raw, "test", cfg.data.test_subset))

@@ -34,22 +34,6 @@ def autocast_for(precision: str, device: torch.device, cache: bool = True):
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache) if dtype else nullcontext()
 
 
-CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS's fixed workspace: its deterministic mode (CUDA's documentation)
-
-
-def configure_backends(device: torch.device, deterministic: bool = False) -> None:
-    """Fast: cuDNN picks the fastest convolution algorithms for our fixed shapes (a one-off search per
-    shape). Deterministic (run.deterministic): only deterministic kernels (an op without one raises), no
-    autotuner; the entry points set CUBLAS_WORKSPACE_CONFIG before CUDA starts."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
 def optimizer_impl(device: torch.device, precision: str) -> dict:
     """Which SGD kernel: fused on GPUs, except under fp16, where a step the GradScaler skips (an overflow,
     typically the first) leaves the fused kernel's momentum buffers uninitialised: NaN from then on.

@@ -48,18 +48,13 @@ class ExportError(UsageError):
     its check (export: exit 1)."""
 
 
-def class_names(n: int) -> list[str]:
-    """One name per output: Fashion-MNIST's, then "class 10", ... for a model with more outputs."""
-    return list(CLASSES[:n]) + [f"class {i}" for i in range(len(CLASSES), n)]
-
-
 def inference_card(cfg: config.Config) -> dict:
     """What running the model takes, as model.json holds it (export adds where it came from): the model
     config, the input (how an image becomes it: the README's "Use the model"), the classes, flip TTA."""
     return {
         "model": cfg.to_dict()["model"],
         "tta_flip": cfg.train.tta_flip,
-        "classes": class_names(cfg.model.num_classes),
+        "classes": list(CLASSES),
         "input": {
             "channels": 1,
             "size": cfg.data.resize or IMAGE_SIZE,
@@ -76,7 +71,9 @@ def read_card(folder: Path) -> dict:
     path = folder / "model.json"
     try:
         card = json.loads(path.read_text())
-        outputs = config.from_dict({"model": card["model"]}).model.num_classes
+        config.from_dict(
+            {"model": card["model"]}
+        )  # a model this package can build: it has len(CLASSES) outputs
         _ = int(card["input"]["size"]), bool(card["tta_flip"])
         classes = card["classes"]
     except FileNotFoundError:
@@ -89,10 +86,10 @@ def read_card(folder: Path) -> dict:
         ) from None
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise ExportError(f"{path} is not a usable model card: 'classes' is not a list of names")
-    if len(classes) != outputs:
+    if len(classes) != len(CLASSES):
         raise ExportError(
-            f"{path} is not a usable model card: it names {len(classes)} classes, its model has {outputs} "
-            "outputs (model.num_classes)"
+            f"{path} is not a usable model card: it names {len(classes)} classes, its model has {len(CLASSES)} "
+            "outputs"
         )
     return card
 

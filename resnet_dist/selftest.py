@@ -10,7 +10,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import cli, distributed
+from . import cli, distributed, launchcheck
 from .errors import RunError, UsageError
 
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     env = None
     try:
-        env = distributed.setup()
+        env = launchcheck.start()
         cli.setup_logging(env.is_main)
         r = self_test(env, args.size_mb)
         if env.is_main:

@@ -46,7 +46,6 @@ def plan(setting: str, graphs: bool, precision: str, world_size: int, backend: s
     reasons = [
         (not graphs, "not on a GPU"),
         (precision == "fp16", "fp16: its loss scaler decides on the host whether each step applies"),
-        (cfg.train.compile, "train.compile=true compiles the step instead"),
         (world_size > 1 and backend != "nccl", f"{backend} collectives pass through the host"),
         (
             world_size > 1 and cfg.dist.grad_compression != "none",

@@ -10,11 +10,25 @@ import sys
 import time
 from pathlib import Path
 
-from . import cli, config, distributed, perf, resume, rundir, step, tensorboard_logger, wandb_logger
+from . import (
+    cli,
+    config,
+    distributed,
+    launchcheck,
+    launchenv,
+    perf,
+    resume,
+    rundir,
+    step,
+    tensorboard_logger,
+    wandb_logger,
+)
 from .data import load_splits
+from .distributed import CUBLAS_DETERMINISTIC
 from .errors import RunError, UsageError
 from .metrics import ConsoleLogger, JsonlLogger, MultiLogger, NullLogger
-from .optim import CUBLAS_DETERMINISTIC, configure_backends, resolve_precision
+from .optim import resolve_precision
+from .preemption import Preemption
 from .profiling import NoProfiler, StepProfiler
 from .trainer import Outcome, Trainer
 
@@ -121,8 +135,7 @@ class Run:
             self.profiler = StepProfiler(
                 cfg.log.profile, run_dir / "profile", env.rank, env.device, env.is_main
             )
-        configure_backends(env.device, cfg.run.deterministic)
-        preemption = distributed.Preemption(env).install()
+        preemption = Preemption(env).install()
         meta = {
             "wandb_id": self.wb.id if self.wb else None
         }  # a resumed or requeued job continues the W&B run
@@ -180,7 +193,7 @@ def set_process_environment(cfg: config.Config) -> None:
     """What CUDA and NCCL read when they start, before setup() touches the GPU or makes the process group."""
     if cfg.run.deterministic:  # cuBLAS's fixed workspace: its deterministic mode
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
-    if cfg.train.cuda_graphs == "on" and distributed.detect()["world_size"] > 1:
+    if cfg.train.cuda_graphs == "on" and launchenv.detect()["world_size"] > 1:
         # a captured step under DDP: NCCL's asynchronous error handling off (PyTorch's CUDA graph notes)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
 
@@ -202,13 +215,13 @@ def main(argv=None) -> int:
     env, run, timeout_s = None, Run(), 600
     try:
         # the launcher's world size, read from the environment before any process group exists
-        cfg = config.load(args.config, args.overrides, world_size=distributed.detect()["world_size"])
+        cfg = config.load(args.config, args.overrides, world_size=launchenv.detect()["world_size"])
         if args.print_config:
             print(config.to_yaml(cfg, docs=True), end="")
             return 0
         timeout_s = cfg.dist.timeout_s
         set_process_environment(cfg)
-        env = distributed.setup(cfg.dist.timeout_s, cfg.dist.backend)
+        env = launchcheck.start(cfg.dist.timeout_s, cfg.dist.backend, cfg.run.deterministic)
         cli.setup_logging(env.is_main)
         check_run(cfg, env)
         run.open(cfg, env)
@@ -221,7 +234,7 @@ def main(argv=None) -> int:
     except (
         Exception
     ) as e:  # a collective that failed (a peer died or hangs): one line; anything else as it is
-        hint = distributed.explain_failure(e, timeout_s)
+        hint = launchcheck.explain_failure(e, timeout_s)
         if hint is None:
             raise
         print(f"error (rank {env.rank if env else '?'}): {hint}", file=sys.stderr, flush=True)

@@ -19,10 +19,11 @@ from torch import nn
 from . import checkpoint, optim, perf, step
 from .config import Config
 from .data import Splits, TrainBatches, augment_seed
-from .distributed import DistEnv, NoPreemption, Preemption, all_gather_object, broadcast_buffers, wrap_ddp
+from .distributed import DistEnv, all_gather_object, broadcast_buffers
 from .evaluate import Evaluator, GraphedEvaluation
 from .metrics import EpochMedia, LossGuard, NullLogger, TrainMeter, fmt, progress_bar
-from .model import build_model, compiled, memory_format
+from .model import build_model, memory_format, wrap_ddp
+from .preemption import NoPreemption, Preemption
 from .profiling import NoProfiler
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.batches = TrainBatches.for_rank(data, cfg, env.rank, env.world_size)
         self.gen = torch.Generator(device=dev).manual_seed(augment_seed(cfg.run.seed, env.rank))
-        self.memory_format = memory_format(dev, t.channels_last)
+        self.memory_format = memory_format(dev)
         self.model = build_model(cfg.model).to(dev, memory_format=self.memory_format)
         if cfg.model.sync_bn and env.distributed:  # BatchNorm over the global batch (CUDA only, see train.py)
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -87,8 +88,6 @@ class Trainer:
             # notes): it binds its gradient accumulation to the stream it was made on
             self.ddp = wrap_ddp(self.model, env, cfg.dist.bucket_mb, cfg.dist.grad_compression)
         self.train_model = self.ddp or self.model
-        if t.compile:
-            self.train_model = compiled(self.train_model, dev, warn=env.is_main)
         self.ema = optim.make_ema(self.model, t.ema_decay)
         self.optimizer = optim.make_optimizer(
             self.model, t, dev, self.precision, lr_tensor=self.eager_why is None

@@ -117,10 +117,10 @@ def _spawned(fn, rank, world, port, out, args):
     )
     import torch
 
-    from resnet_dist import distributed
+    from resnet_dist import distributed, launchcheck
 
     torch.set_num_threads(1)
-    env = distributed.setup(timeout_s=60)
+    env = launchcheck.start(timeout_s=60)
     try:
         out.put((rank, fn(env, *args)))
     except BaseException as e:  # noqa: BLE001 - reported to the test, not lost in a child

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from resnet_dist import distributed
+from resnet_dist import distributed, launchenv, preemption
 
 from .helpers import exit_code, in_gloo_group, run, torchrun
 
@@ -20,11 +20,11 @@ from .helpers import exit_code, in_gloo_group, run, torchrun
     ],
 )
 def test_first_host(nodelist, first):
-    assert distributed.first_host(nodelist) == first
+    assert launchenv.first_host(nodelist) == first
 
 
 def test_detect_torchrun():
-    d = distributed.detect(
+    d = launchenv.detect(
         {
             "RANK": "3",
             "LOCAL_RANK": "1",
@@ -44,7 +44,7 @@ def test_detect_torchrun():
 
 
 def test_detect_accelerate():
-    d = distributed.detect(
+    d = launchenv.detect(
         {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "ACCELERATE_MIXED_PRECISION": "bf16"}
     )
     assert d["launcher"] == "accelerate"
@@ -60,7 +60,7 @@ def test_detect_srun_derives_master_from_nodelist_and_job():
         "SLURM_JOB_NODELIST": "gpu[10-13]",
         "SLURM_JOB_NUM_NODES": "4",
     }
-    d = distributed.detect(env)
+    d = launchenv.detect(env)
     assert (d["rank"], d["local_rank"], d["world_size"], d["launcher"]) == (5, 1, 8, "srun")
     assert d["master_addr"] == "gpu10" and d["master_port"] == str(20000 + 4242) and d["num_nodes"] == 4
 
@@ -74,18 +74,18 @@ def test_torchrun_inside_an_allocation_wins_over_slurm():
         "WORLD_SIZE": "2",
         "LOCAL_RANK": "1",
     }
-    assert distributed.detect(env)["launcher"] == "torchrun"
+    assert launchenv.detect(env)["launcher"] == "torchrun"
 
 
 def test_batch_script_without_srun_is_a_single_process():
     # sbatch's own shell has SLURM_PROCID and SLURM_NTASKS but is no srun step
     assert (
-        distributed.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "1"})["world_size"] == 1
+        launchenv.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "1"})["world_size"] == 1
     )
 
 
 def test_no_launcher():
-    assert distributed.detect({})["world_size"] == 1
+    assert launchenv.detect({})["world_size"] == 1
 
 
 def test_self_test_all_reduces_correctly_in_a_real_group():
@@ -107,9 +107,7 @@ def _agreement(env):
 
     found = {}
     for lag, every in ((1, 1), (3, 1), (1, 3)):
-        p = distributed.Preemption(
-            env, lag=lag, every=every
-        )  # not installed: the test raises the flag itself
+        p = preemption.Preemption(env, lag=lag, every=every)  # not installed: the test raises the flag itself
         stops = []
         for step in range(1, 13):
             if env.rank == 1 and step == 4:
@@ -117,7 +115,7 @@ def _agreement(env):
             stops.append(p.agreed(step))
         found[lag, every] = (stops.index(True) + 1, p.drain(), p.count)
     # a real SIGTERM to rank 1, through the installed handler
-    p = distributed.Preemption(env).install()
+    p = preemption.Preemption(env).install()
     stops = []
     for step in range(6):
         if env.rank == 1 and step == 2:
@@ -125,7 +123,7 @@ def _agreement(env):
         stops.append(p.agreed(step))
     found["sigterm"] = stops.index(True)
     # the epoch-end drain: a flag raised in the last steps is still agreed on every rank
-    p = distributed.Preemption(env, lag=2)
+    p = preemption.Preemption(env, lag=2)
     p.received = env.rank == 0
     found["drain"] = (p.agreed(0), p.drain(), p.drain())
     # rank 0's buffers (BatchNorm statistics) reach every rank; rank 0's decision too

@@ -331,14 +331,13 @@ def test_predict_usage_errors_exit_2_with_one_line(trained, exported, pngs, tmp_
     edited = {  # model.json edited by hand, beside the real weights
         "short": {**card, "classes": card["classes"][:9]},
         "one": {**card, "classes": ["Sneaker"]},  # no --top: once "--top must be between 1 and 1"
-        "nine": {**card, "classes": card["classes"][:9], "model": {**card["model"], "num_classes": 9}},
     }
     for name, c in edited.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.json").write_text(json.dumps(c))
         for f in ("model.onnx", "model.safetensors"):
             (tmp_path / name / f).symlink_to(out / f)
-    short_json, nine = tmp_path / "short" / "model.json", tmp_path / "nine"
+    short_json = tmp_path / "short" / "model.json"
     for args, words in [
         (
             ["--model", str(tmp_path / "short"), "--onnx", str(folder)],
@@ -346,8 +345,6 @@ def test_predict_usage_errors_exit_2_with_one_line(trained, exported, pngs, tmp_
         ),
         (["--model", str(tmp_path / "short"), str(folder)], "it names 9 classes, its model has 10 outputs"),
         (["--model", str(tmp_path / "one"), str(folder)], "it names 1 classes, its model has 10 outputs"),
-        (["--model", str(nine), "--onnx", str(folder)], "has 10 outputs, its model.json names 9 classes"),
-        (["--model", str(nine), str(folder)], "cannot load these weights"),
         (["--model", str(tmp_path / "none"), str(folder)], "no model at"),
         (["--model", str(folder), str(folder)], "has no model.json"),
         (["--model", str(onnx_only), str(folder)], "has no model.safetensors"),
@@ -566,13 +563,6 @@ def test_pillow_warnings_are_one_line_per_image(trained, data_root, tmp_path):
         f"warning: {tmp_path / 'b_exif.jpg'}: Corrupt EXIF data. Expecting to read 12 bytes but only got 4.",
         f"warning: {tmp_path / 'c_exif.png'}: Corrupt EXIF data. Expecting to read 12 bytes but only got 4.",
     ]
-
-
-def test_the_card_names_one_class_per_output():
-    assert predict.class_names(10) == list(CLASSES)
-    assert predict.class_names(12) == [*CLASSES, "class 10", "class 11"] and predict.class_names(3) == list(
-        CLASSES[:3]
-    )
 
 
 def test_a_checkpoint_before_its_first_evaluation_has_no_last_test(trained):

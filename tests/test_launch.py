@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_dist import distributed, selftest, train
+from resnet_dist import distributed, launchcheck, launchenv, selftest, train
 
 from .helpers import PY, REPO, clean_env, epochs, exit_code, free_port, read_metrics, run, small_run, torchrun
 
@@ -21,7 +21,7 @@ TINY = ("data.train_subset=256", "train.epochs=1", "log.every_steps=2")  # after
 
 
 def problems(env: dict, gpus: int = 0):
-    return distributed.check_launch(distributed.detect(env), env, gpus)
+    return launchcheck.check_launch(launchenv.detect(env), env, gpus)
 
 
 # ---- the environment of each launcher, and of each mistake --------------------------------------
@@ -62,12 +62,12 @@ BATCH_SHELL = {
 
 
 def test_tasks_per_node():
-    assert distributed.tasks_per_node("2(x3),1") == [2, 2, 2, 1]
-    assert distributed.tasks_per_node("4") == [4]
+    assert launchenv.tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert launchenv.tasks_per_node("4") == [4]
 
 
 def test_srun_local_world_size_from_the_step():
-    d = distributed.detect(SRUN)
+    d = launchenv.detect(SRUN)
     assert (d["launcher"], d["rank"], d["local_rank"], d["local_world_size"], d["num_nodes"]) == (
         "srun",
         3,
@@ -81,13 +81,13 @@ def test_srun_local_world_size_from_the_step():
 def test_srun_master_is_the_steps_first_node():
     # a step on the job's second node only: rank 0 runs there
     step = {**SRUN, "SLURM_STEP_NODELIST": "n2", "SLURM_STEP_NUM_NODES": "1", "SLURM_NODEID": "0"}
-    assert distributed.detect(step)["master_addr"] == "n2"
+    assert launchenv.detect(step)["master_addr"] == "n2"
 
 
 def test_special_step_ids_are_not_srun():
     # the batch script's own step (0xfffffffb) and the interactive step are no srun step
     for step in ("4294967291", "4294967290"):
-        assert distributed.detect({**BATCH_SHELL, "SLURM_STEP_ID": step})["launcher"] == "none"
+        assert launchenv.detect({**BATCH_SHELL, "SLURM_STEP_ID": step})["launcher"] == "none"
 
 
 FOUR_LOCAL = {**TORCHRUN, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
@@ -129,7 +129,7 @@ def test_device_of_each_process(local_rank, gpus, want):
 def test_backend_choice(requested, device, want):
     """dist.backend=gloo on GPUs: the backend that lets ranks share one GPU (NCCL refuses that)."""
     assert distributed.choose_backend(requested, torch.device(device)) == want
-    with pytest.raises(distributed.LaunchError, match="dist.backend=nccl needs GPUs"):
+    with pytest.raises(launchenv.LaunchError, match="dist.backend=nccl needs GPUs"):
         distributed.choose_backend("nccl", torch.device("cpu"))
 
 
@@ -256,7 +256,7 @@ def without_none(env: dict) -> dict:
 @pytest.mark.parametrize("env, name", NOT_A_NUMBER)
 def test_every_launcher_variable_is_read_with_one_line_naming_it(env, name):
     env = without_none(env)
-    with pytest.raises(distributed.LaunchError) as e:
+    with pytest.raises(launchenv.LaunchError) as e:
         problems(env)
     msg = str(e.value)
     assert msg.startswith(f"launcher variable {name}={env[name]!r} is not ") and "\n" not in msg
@@ -273,14 +273,14 @@ def test_every_launcher_variable_is_read_with_one_line_naming_it(env, name):
     ],
 )
 def test_a_rank_outside_its_world_is_refused_before_rendezvous(env, message):
-    with pytest.raises(distributed.LaunchError) as e:
-        distributed.detect(env)
+    with pytest.raises(launchenv.LaunchError) as e:
+        launchenv.detect(env)
     assert str(e.value).startswith(message)
 
 
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "::1", socket.gethostname()])
 def test_master_addresses_that_resolve_pass(host):
-    distributed.check_address(
+    launchcheck.check_address(
         {"master_addr": host, "master_port": "29500", "master_addr_from": "MASTER_ADDR"}
     )
 
@@ -301,8 +301,8 @@ def test_master_addresses_that_resolve_pass(host):
 )
 def test_a_master_address_that_does_not_resolve_is_refused_at_once(env, message):
     t0 = time.monotonic()
-    with pytest.raises(distributed.LaunchError) as e:
-        distributed.check_address(distributed.detect(env))
+    with pytest.raises(launchenv.LaunchError) as e:
+        launchcheck.check_address(launchenv.detect(env))
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
     assert time.monotonic() - t0 < 30  # the resolver's answer, not dist.timeout_s
 
@@ -334,7 +334,7 @@ def test_a_master_address_that_does_not_resolve_is_refused_at_once(env, message)
     ],
 )
 def test_half_a_slurm_environment_is_an_error(env, message):
-    assert distributed.detect(env)["launcher"] == "none"
+    assert launchenv.detect(env)["launcher"] == "none"
     errors, _ = problems(env)
     assert len(errors) == 1 and errors[0].startswith(message), errors
 
@@ -352,7 +352,7 @@ def test_half_a_slurm_environment_is_an_error(env, message):
     ],
 )
 def test_shells_of_a_job_and_one_process_leftovers_are_no_half_environment(env):
-    assert distributed.detect(env)["launcher"] == "none" and problems(env)[0] == []
+    assert launchenv.detect(env)["launcher"] == "none" and problems(env)[0] == []
 
 
 @pytest.mark.parametrize(
@@ -373,7 +373,7 @@ def test_shells_of_a_job_and_one_process_leftovers_are_no_half_environment(env):
     ],
 )
 def test_one_process_of_a_launch_prints_usage_errors(env, rank0, node0):
-    assert (distributed.speaks(env=env), distributed.speaks(per_node=True, env=env)) == (rank0, node0)
+    assert (launchcheck.speaks(env=env), launchcheck.speaks(per_node=True, env=env)) == (rank0, node0)
 
 
 # ---- how a mistake surfaces: one line, exit 2, nothing created ----------------------------------
@@ -386,7 +386,7 @@ def launcher_env(monkeypatch, env: dict) -> list:
         monkeypatch.setenv(k, v)
     waits = []
     monkeypatch.setattr(distributed, "QUIET_WAIT_S", 0.0)
-    real = distributed.wait_for_launcher
+    real = launchcheck.wait_for_launcher
     monkeypatch.setattr(distributed, "wait_for_launcher", lambda: waits.append(real()))
     return waits
 

@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
+from resnet_dist import distributed
 from resnet_dist.config import ModelConfig, TrainConfig
 from resnet_dist.model import build_model
 from resnet_dist.optim import (
     EMA,
     NoEMA,
     Schedule,
-    configure_backends,
     load_optimizer_state,
     lr_factor,
     make_optimizer,
@@ -178,9 +178,9 @@ def test_cudnn_benchmark_on_gpus():
     before = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = False
-        configure_backends(CPU)
+        distributed.configure_backends(CPU)
         assert torch.backends.cudnn.benchmark is False
-        configure_backends(torch.device("cuda"))
+        distributed.configure_backends(torch.device("cuda"))
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark = before

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resnet_dist import distributed
+from resnet_dist import launchcheck, launchenv
 
 from .helpers import PY, REPO, clean_env, epochs, read_metrics, small_run
 from .slurm_cluster import TERMINAL
@@ -76,11 +76,11 @@ srun "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node=1 -m resne
 
     batch = read_env("batch.env")
     assert "SLURM_STEP_ID" not in batch and batch["SLURM_PROCID"] == "0" and batch["SLURM_NTASKS"] == "2"
-    assert distributed.detect(batch)["launcher"] == "none"
-    assert "not started by srun" in distributed.check_launch(distributed.detect(batch), batch)[1][0]
+    assert launchenv.detect(batch)["launcher"] == "none"
+    assert "not started by srun" in launchcheck.check_launch(launchenv.detect(batch), batch)[1][0]
     for rank in (0, 1):
         step = read_env(f"step.{rank}.env")
-        d = distributed.detect(step)
+        d = launchenv.detect(step)
         assert (
             d["launcher"],
             d["rank"],
@@ -89,7 +89,7 @@ srun "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node=1 -m resne
             d["local_world_size"],
             d["num_nodes"],
         ) == ("srun", rank, 2, 0, 1, 2)
-        assert d["master_addr"] == "node1" and distributed.check_launch(d, step) == ([], [])
+        assert d["master_addr"] == "node1" and launchcheck.check_launch(d, step) == ([], [])
 
     alone = (out / "alone.log").read_text()
     assert "rc=0" in alone and "launcher=none world_size=1" in alone, alone

@@ -116,7 +116,6 @@ def test_the_evaluation_graph_counts_every_image_once(tmp_path):
         ("auto", True, "fp16", 1, None, (), "fp16"),
         ("auto", True, "bf16", 2, "nccl", (), "not yet verified on 2+ GPUs"),
         ("auto", True, "bf16", 2, "gloo", (), "gloo collectives pass through the host"),
-        ("auto", True, "bf16", 1, None, ("train.compile=true",), "train.compile"),
     ],
 )
 def test_when_the_step_is_captured(setting, gpu, precision, world, backend, extra, why):
