@@ -19,7 +19,7 @@ from .errors import first_line
 from .launchenv import SLURM_SPECIAL_STEP, LaunchError, detect, env_int, first_env_int, srun_step
 
 
-def start(timeout_s: int = 600, backend: str = "auto") -> distributed.DistEnv:
+def start(timeout_s: int = 600, backend: str = "auto", deterministic: bool = False) -> distributed.DistEnv:
     """The launch checks, then distributed.setup(): LaunchError (exit 2, nothing created) for a mistake;
     DistEnv.warnings holds the milder ones (rank 0 says them)."""
     info = detect()
@@ -29,7 +29,7 @@ def start(timeout_s: int = 600, backend: str = "auto") -> distributed.DistEnv:
         raise LaunchError("; ".join(errors))
     if info["world_size"] > 1:
         check_address(info)
-    env = distributed.setup(info, gpus, timeout_s, backend)
+    env = distributed.setup(info, gpus, timeout_s, backend, deterministic)
     return dataclasses.replace(env, warnings=tuple(warnings))
 
 
