@@ -5,6 +5,7 @@ import warnings
 import pytest
 
 from resnet_dist import distributed, launchenv, preemption
+from resnet_dist.model import wrap_ddp
 
 from .helpers import exit_code, in_gloo_group, run, torchrun
 
@@ -136,7 +137,7 @@ def _agreement(env):
     # DDP leaves each rank's buffers alone in forward (and this torch does not warn about how we ask it)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ddp = distributed.wrap_ddp(torch.nn.BatchNorm2d(3), env, bucket_mb=25, compression="none")
+        ddp = wrap_ddp(torch.nn.BatchNorm2d(3), env, bucket_mb=25, compression="none")
     ddp.module.running_mean.fill_(env.rank + 1.0)
     with torch.no_grad():
         ddp.eval()(torch.zeros(1, 3, 2, 2))
