@@ -12,7 +12,7 @@ from pathlib import Path
 from . import checkpoint, distributed, files, lock
 from .config import Config, to_yaml
 from .errors import RunError, UsageError
-from .metrics import truncate_jsonl
+from .loggers import truncate_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .metrics import EpochMedia, NullLogger, scalars
+from .loggers import EpochMedia, NullLogger, scalars
 
 log = logging.getLogger(__name__)
 

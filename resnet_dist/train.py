@@ -26,7 +26,7 @@ from . import (
 from .data import load_splits
 from .distributed import CUBLAS_DETERMINISTIC
 from .errors import RunError, UsageError
-from .metrics import ConsoleLogger, JsonlLogger, MultiLogger, NullLogger
+from .loggers import ConsoleLogger, JsonlLogger, MultiLogger, NullLogger
 from .optim import resolve_precision
 from .preemption import Preemption
 from .profiling import NoProfiler, StepProfiler

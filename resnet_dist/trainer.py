@@ -21,7 +21,8 @@ from .config import Config
 from .data import Splits, TrainBatches, augment_seed
 from .distributed import DistEnv, all_gather_object, broadcast_buffers
 from .evaluate import Evaluator, GraphedEvaluation
-from .metrics import EpochMedia, LossGuard, NullLogger, TrainMeter, fmt, progress_bar
+from .loggers import EpochMedia, NullLogger, fmt, progress_bar
+from .metrics import LossGuard, TrainMeter
 from .model import build_model, memory_format, wrap_ddp
 from .preemption import NoPreemption, Preemption
 from .profiling import NoProfiler

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 from .data import CLASSES
 from .errors import first_line
-from .metrics import EpochMedia, NullLogger, scalars
+from .loggers import EpochMedia, NullLogger, scalars
 
 log = logging.getLogger(__name__)
 

@@ -248,7 +248,7 @@ def test_null_accuracies_through_every_logger(data_root, tmp_path, capsys):
     from resnet_dist import plots
     from resnet_dist.data import load_splits
     from resnet_dist.distributed import DistEnv
-    from resnet_dist.metrics import ConsoleLogger, JsonlLogger, MultiLogger
+    from resnet_dist.loggers import ConsoleLogger, JsonlLogger, MultiLogger
     from resnet_dist.tensorboard_logger import TensorBoardLogger
     from resnet_dist.trainer import Trainer
     from resnet_dist.wandb_logger import WandbLogger

@@ -222,7 +222,7 @@ def test_a_refused_resume_leaves_no_run_directory(tmp_path, trained, data_root, 
 
 
 def test_torn_metrics_lines(tmp_path, capsys):
-    from resnet_dist.metrics import MetricsError, truncate_jsonl
+    from resnet_dist.loggers import MetricsError, truncate_jsonl
 
     path = tmp_path / "metrics.jsonl"
     good = [json.dumps({"kind": "step", "step": s}) for s in (1, 2, 3)]

@@ -14,7 +14,8 @@ from resnet_dist import checkpoint, optim
 from resnet_dist.config import load as load_config
 from resnet_dist.data import Splits, load_splits
 from resnet_dist.distributed import DistEnv
-from resnet_dist.metrics import Diverged, NullLogger
+from resnet_dist.loggers import NullLogger
+from resnet_dist.metrics import Diverged
 from resnet_dist.preemption import Preemption
 from resnet_dist.trainer import Outcome, Trainer
 
@@ -494,7 +495,7 @@ def test_fp16_skipped_step_leaves_no_trace_and_every_logger_sees_it(tmp_path, mo
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from resnet_dist import tensorboard_logger, wandb_logger
-    from resnet_dist.metrics import JsonlLogger, MultiLogger
+    from resnet_dist.loggers import JsonlLogger, MultiLogger
 
     from .helpers import read_metrics
     from .wandb_reader import read_run
