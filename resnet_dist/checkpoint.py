@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import files
-from .distributed import rank0_decides
+from .config import CheckpointConfig
 from .errors import RunError, UsageError, first_line
 
 log = logging.getLogger(__name__)
@@ -278,11 +278,11 @@ def restore_rng(rngs: list, rank: int, gen: torch.Generator, fresh_seed: int, sa
 class SaveCadence:
     """When epoch ends save: the last epoch always; others every `every_epochs`, unless saving would take more
     than `max_overhead` of the time since the previous save (fast GPUs, tiny epochs): a minimum interval of
-    (1 / max_overhead - 1) times the last save's duration. Rank 0's clock decides for all: every rank takes
-    part in a save. `timed()` wraps each save to measure it."""
+    (1 / max_overhead - 1) times the last save's duration, on this process's clock (the trainer lets rank 0's
+    decide for all: every rank takes part in a save). `timed()` wraps each save to measure it."""
 
-    def __init__(self, cfg, epochs: int, device: torch.device):
-        self.cfg, self.epochs, self.device = cfg, epochs, device  # cfg: CheckpointConfig
+    def __init__(self, cfg: CheckpointConfig, epochs: int):
+        self.cfg, self.epochs = cfg, epochs
         self.last_s, self.last_end = 0.0, time.perf_counter()
         self.total_s = 0.0  # this process's seconds spent saving
 
@@ -292,7 +292,7 @@ class SaveCadence:
         if epochs_done % self.cfg.every_epochs:
             return False
         since = time.perf_counter() - self.last_end
-        return rank0_decides(self.last_s <= self.cfg.max_overhead * (since + self.last_s), self.device)
+        return self.last_s <= self.cfg.max_overhead * (since + self.last_s)
 
     @contextmanager
     def timed(self):
@@ -301,16 +301,3 @@ class SaveCadence:
         self.last_end = time.perf_counter()
         self.last_s = self.last_end - start
         self.total_s += self.last_s
-
-
-def write_on_rank0(state: dict, run_dir: Path | None, step: int, keep: int, env) -> None:
-    """Rank 0 writes into run_dir/checkpoints (nothing without a run directory); every rank learns whether it
-    could (a full disk), rather than finding rank 0 gone at the next collective and blaming a dead peer."""
-    error = None
-    if env.is_main and run_dir is not None:
-        try:
-            save(state, run_dir / "checkpoints", step, keep)
-        except SaveError as e:
-            error = e
-    if not rank0_decides(error is None, env.device):
-        raise error or SaveError("rank 0 could not write the checkpoint (its error says why)")

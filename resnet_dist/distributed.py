@@ -79,7 +79,7 @@ def setup(
         backend = choose_backend(requested, device)
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = info["master_addr"], str(info["master_port"])
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = within(timeout_s, lambda: rendezvous_store(info, timeout), info)
+        store = join_store(info, timeout_s)
         # one GPU per task, unless the tasks all see the same one (NCCL refuses two ranks on one GPU; gloo
         # runs them, for testing the multi-rank code on a one-GPU machine)
         if gpus == 1 and info["local_world_size"] > 1 and backend == "nccl":
@@ -108,21 +108,21 @@ def setup(
     )
 
 
-def within(timeout_s: float, fn, info: dict):
-    """fn() (joining the rendezvous store), bounded by dist.timeout_s, its failure one line (LaunchError).
+def join_store(info: dict, timeout_s: float) -> dist.Store:
+    """The rendezvous store (rendezvous_store), joined within dist.timeout_s, its failure one line (LaunchError).
 
     A store client that reached a program other than rank 0 on MASTER_PORT waits for an answer that never
-    comes, past any timeout of its own: the call runs in a thread the process leaves behind when it gives up.
+    comes, past any timeout of its own: it joins in a thread the process leaves behind when it gives up.
     """
-    box: dict = {}
+    joined: dict = {}  # "store", or "error": what the joining thread got
 
-    def call():
+    def join():
         try:
-            box["value"] = fn()
+            joined["store"] = rendezvous_store(info, datetime.timedelta(seconds=timeout_s))
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            box["error"] = e
+            joined["error"] = e
 
-    thread = threading.Thread(target=call, daemon=True)
+    thread = threading.Thread(target=join, daemon=True)
     thread.start()
     thread.join(timeout_s + 5)
     if thread.is_alive():
@@ -131,9 +131,9 @@ def within(timeout_s: float, fn, info: dict):
             f"{info['master_port']} within dist.timeout_s={timeout_s:g}s: is another program holding that "
             "port (MASTER_PORT), or rank 0 stuck?"
         )
-    if "error" in box:
-        raise rendezvous_error(box["error"], timeout_s, info)
-    return box.get("value")
+    if "error" in joined:
+        raise rendezvous_error(joined["error"], timeout_s, info)
+    return joined["store"]
 
 
 def rendezvous_error(e: BaseException, timeout_s: float, info: dict) -> BaseException:

@@ -24,9 +24,10 @@ from torch import nn
 from . import checkpoint, cli, config, distributed, files, launchcheck
 from .data import CLASSES, check_root, eval_shard, load_split, normalize, prepare
 from .distributed import DistEnv
-from .errors import RunError, UsageError
+from .errors import RunError, UsageError, first_line
 from .model import build_model, memory_format
 from .optim import autocast_for, resolve_precision
+from .step import CaptureError
 
 log = logging.getLogger("resnet_dist.evaluate")  # not __name__: run as __main__ by python -m
 CLASS_KEYS = tuple(c.lower().replace("-", "_").replace("/", "_").replace(" ", "_") for c in CLASSES)
@@ -158,6 +159,29 @@ class GraphedEvaluation:
             1, out.argmax(1, keepdim=True), 1.0
         )
         self.out_sums += torch.cat([loss[None], ((true * self.mask[:, None]).T @ pred).flatten()])
+
+    @classmethod
+    def checked(
+        cls, evaluator: Evaluator, model: nn.Module, images, labels, graphs, stream
+    ) -> GraphedEvaluation:
+        """Captured, and checked against the eager evaluation on the first two test batches (CaptureError)."""
+        graphed = cls(evaluator, model, images.shape[1:], graphs, stream)
+        part = slice(0, min(len(labels), 2 * evaluator.batch_size))
+        try:
+            graphed.capture(images, labels)
+            was_training = model.training
+            model.eval()
+            eager, replayed = evaluator.sums(model, images, labels, part), graphed.sums(images, labels, part)
+            model.train(was_training)
+        except Exception as e:  # noqa: BLE001 - one line, as for the step
+            raise CaptureError(
+                f"capturing the evaluation failed ({type(e).__name__}: {first_line(e)})"
+            ) from None
+        if not torch.equal(eager[1:], replayed[1:]) or not torch.allclose(eager[0], replayed[0], rtol=1e-3):
+            raise CaptureError(
+                "the captured evaluation disagrees with the eager one on the first test batches"
+            )
+        return graphed
 
     def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Warm up on the first test batch (cuDNN's search for these shapes), then record the graph."""

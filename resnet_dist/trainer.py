@@ -19,7 +19,7 @@ from torch import nn
 from . import checkpoint, optim, perf, step
 from .config import Config
 from .data import Splits, TrainBatches, augment_seed
-from .distributed import DistEnv, all_gather_object, broadcast_buffers
+from .distributed import DistEnv, all_gather_object, broadcast_buffers, rank0_decides
 from .evaluate import Evaluator, GraphedEvaluation
 from .loggers import EpochMedia, NullLogger, fmt, progress_bar
 from .metrics import LossGuard, TrainMeter
@@ -68,7 +68,7 @@ class Trainer:
         self.cfg, self.env, self.data, self.run_dir = cfg, env, data, run_dir
         self.logger, self.preemption = logger or NullLogger(), preemption or NoPreemption()
         self.profiler = profiler or NoProfiler()
-        t, dev = cfg.train, env.device
+        train, dev = cfg.train, env.device
         # the same initial weights on every rank (DDP also broadcasts rank 0's)
         torch.manual_seed(cfg.run.seed)
         self.batches = TrainBatches.for_rank(data, cfg, env.rank, env.world_size)
@@ -77,11 +77,11 @@ class Trainer:
         self.model = build_model(cfg.model).to(dev, memory_format=self.memory_format)
         if cfg.model.sync_bn and env.distributed:  # BatchNorm over the global batch (CUDA only, see train.py)
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.precision = optim.resolve_precision(t.precision, dev)
+        self.precision = optim.resolve_precision(train.precision, dev)
         # the step is captured as a CUDA graph unless `eager_why` says why not (CaptureError: `on` cannot be)
         self.graphs = graphs or (step.CudaGraphs() if dev.type == "cuda" else None)
         self.eager_why = step.plan(
-            t.cuda_graphs, self.graphs is not None, self.precision, env.world_size, env.backend, cfg
+            train.cuda_graphs, self.graphs is not None, self.precision, env.world_size, env.backend, cfg
         )
         self.stream = self.graphs.stream() if self.eager_why is None else None
         with self.graphs.on(self.stream) if self.stream is not None else nullcontext():
@@ -89,17 +89,17 @@ class Trainer:
             # notes): it binds its gradient accumulation to the stream it was made on
             self.ddp = wrap_ddp(self.model, env, cfg.dist.bucket_mb, cfg.dist.grad_compression)
         self.train_model = self.ddp or self.model
-        self.ema = optim.make_ema(self.model, t.ema_decay)
+        self.ema = optim.make_ema(self.model, train.ema_decay)
         self.optimizer = optim.make_optimizer(
-            self.model, t, dev, self.precision, lr_tensor=self.eager_why is None
+            self.model, train, dev, self.precision, lr_tensor=self.eager_why is None
         )
-        self.schedule = optim.Schedule(self.optimizer, t, t.epochs * self.batches.steps_per_epoch)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        self.schedule = optim.Schedule(self.optimizer, train, train.epochs * self.batches.steps_per_epoch)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
         self.evaluator = Evaluator.from_config(cfg, dev)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.meter = TrainMeter(dev, t.batch_size)
-        self.eval_s, self.cadence = 0.0, checkpoint.SaveCadence(cfg.checkpoint, t.epochs, dev)
-        self.guard = LossGuard(t.lr)
+        self.meter = TrainMeter(dev, train.batch_size)
+        self.eval_s, self.cadence = 0.0, checkpoint.SaveCadence(cfg.checkpoint, train.epochs)
+        self.guard = LossGuard(train.lr)
         self.history, self.meta = [], dict(meta or {})
         self.mfu_factor = perf.mfu_per_image_per_s(cfg, dev, self.precision)  # None off GPUs
         self.parts = step.Parts(
@@ -114,7 +114,7 @@ class Trainer:
             self.loss_fn,
             self.autocast_for_step(),
             self.memory_format,
-            t.accum_steps,
+            train.accum_steps,
         )
         self.step = step.EagerStep(self.parts)
         self.graphed_eval: GraphedEvaluation | None = None  # the evaluation as a CUDA graph, with the step
@@ -146,7 +146,9 @@ class Trainer:
             self.step = step.capture(
                 self.parts, self.step, batches, self.global_step, self.precision, self.graphs, self.stream
             )
-            self.graphed_eval = self.capture_evaluation()
+            self.graphed_eval = GraphedEvaluation.checked(
+                self.evaluator, self.ema.module, self.data.test_x, self.data.test_y, self.graphs, self.stream
+            )
         except step.CaptureError as e:
             if self.cfg.train.cuda_graphs == "on":
                 raise
@@ -158,25 +160,6 @@ class Trainer:
             self.capture_s = time.perf_counter() - start
         return how
 
-    def capture_evaluation(self) -> GraphedEvaluation:
-        """The evaluation as a graph too, checked against the eager one on the first two test batches."""
-        module, x, y = self.ema.module, self.data.test_x, self.data.test_y
-        graphed = GraphedEvaluation(self.evaluator, module, x.shape[1:], self.graphs, self.stream)
-        try:
-            graphed.capture(x, y)
-            part = slice(0, min(len(y), 2 * self.evaluator.batch_size))
-            was_training = module.training
-            module.eval()
-            eager, replayed = self.evaluator.sums(module, x, y, part), graphed.sums(x, y, part)
-            module.train(was_training)
-        except Exception as e:  # noqa: BLE001 - one line, as for the step
-            raise step.CaptureError(f"capturing the evaluation failed ({type(e).__name__}: {e})") from None
-        if not torch.equal(eager[1:], replayed[1:]) or not torch.allclose(eager[0], replayed[0], rtol=1e-3):
-            raise step.CaptureError(
-                "the captured evaluation disagrees with the eager one on the first test batches"
-            )
-        return graphed
-
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One optimizer step on this rank's share of the global batch, in `train.accum_steps` micro-batches."""
@@ -185,29 +168,30 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> Outcome:
         """Train to the end or until a signal; checkpoints as configured."""
-        c, spe = self.cfg, self.batches.steps_per_epoch
+        epochs, per_epoch = self.cfg.train.epochs, self.batches.steps_per_epoch
+        log_every, save_every = self.cfg.log.every_steps, self.cfg.checkpoint.every_steps
         self.meter.start_clock()
-        while self.epoch < c.train.epochs:
-            title = f"epoch {self.epoch + 1}/{c.train.epochs}"
-            bar = progress_bar(self.env.is_main, c.log.progress, spe, title, self.step_in_epoch)
+        while self.epoch < epochs:
+            title = f"epoch {self.epoch + 1}/{epochs}"
+            bar = progress_bar(self.env.is_main, self.cfg.log.progress, per_epoch, title, self.step_in_epoch)
             for x, y in self.batches.epoch(self.epoch, self.gen, start_step=self.step_in_epoch):
                 self.train_step(x, y)
                 self.profiler.step()
                 self.step_in_epoch += 1
                 self.global_step += 1
                 bar.update()
-                last = self.step_in_epoch == spe
-                if self.global_step % c.log.every_steps == 0 or last:
+                last = self.step_in_epoch == per_epoch
+                if self.global_step % log_every == 0 or last:
                     self.log_interval(bar)
                 if not last and self.preemption.agreed(self.global_step):
                     bar.close()
                     return self.stop()
-                if not last and c.checkpoint.every_steps and self.global_step % c.checkpoint.every_steps == 0:
+                if not last and save_every and self.global_step % save_every == 0:
                     with self.meter.paused():
                         self.save()
             bar.close()
             saved = self.end_epoch()
-            if self.preemption.drain() and self.epoch < c.train.epochs:
+            if self.preemption.drain() and self.epoch < epochs:
                 return self.stop(saved=saved)
         return Outcome.DONE
 
@@ -242,7 +226,7 @@ class Trainer:
             self.history.append({"epoch": self.epoch, "confusion": confusion})
             self.logger.log(record, self.media(confusion))
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            if self.cadence.due(self.epoch):
+            if rank0_decides(self.cadence.due(self.epoch), self.env.device):  # rank 0's clock, for all
                 self.save()
                 return True
         return False
@@ -275,9 +259,20 @@ class Trainer:
             state = self.state_dict()  # collective: every rank calls save() at the same step
             if not checkpoint.finite(state):  # the same weights on every rank: all stop here together
                 raise self.guard.diverged(self.global_step, "the weights are not finite")
-            checkpoint.write_on_rank0(
-                state, self.run_dir, self.global_step, self.cfg.checkpoint.keep, self.env
-            )
+            # rank 0 writes; every rank learns whether it could (a full disk), rather than finding rank 0 gone
+            # at the next collective and blaming a dead peer
+            error = None
+            if self.env.is_main and self.run_dir is not None:
+                try:
+                    checkpoint.save(
+                        state, self.run_dir / "checkpoints", self.global_step, self.cfg.checkpoint.keep
+                    )
+                except checkpoint.SaveError as e:
+                    error = e
+            if not rank0_decides(error is None, self.env.device):
+                raise error or checkpoint.SaveError(
+                    "rank 0 could not write the checkpoint (its error says why)"
+                )
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue exactly (all ranks take part: it gathers RNG states)."""
