@@ -1,7 +1,5 @@
-"""Config: built-in defaults <- YAML file <- KEY=VALUE overrides, validated before anything runs.
-
-Every knob is declared once below, with its default and a one-line doc (the `doc` metadata).
-`load()` raises `ConfigError` with one line naming the key; `train.py` turns it into exit code 2.
+"""Config: built-in defaults <- YAML file <- KEY=VALUE overrides, validated before anything runs. Every knob is
+declared once below, with its default and a one-line doc; `load()` raises ConfigError in one line naming the key.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .errors import UsageError, first_line
+from .errors import UsageError
 
 
 class ConfigError(UsageError):
@@ -25,197 +23,118 @@ class ConfigError(UsageError):
     every_rank = True  # every rank reads the same config
 
 
-def knob(default, doc: str, choices: tuple = (), check=None, msg: str = "", path: bool = False):
-    """A config field: default, one-line doc, optional allowed values or validity check. `path`: a path,
-    whose leading `~` is expanded wherever the value comes from (the shell does not expand `key=~/x`)."""
+def knob(default, doc: str, rule: tuple | None = None, choices: tuple = (), path: bool = False):
+    """A config field: its default, a one-line doc, and optionally a validity rule (check, what it must be), the
+    allowed values, or `path`: a path, whose leading `~` is expanded wherever the value comes from."""
+    check, msg = rule or (None, "")
     meta = {"doc": doc, "choices": choices, "check": check, "msg": msg, "path": path}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
 positive = (lambda v: v > 0, "must be > 0")
 non_negative = (lambda v: v >= 0, "must be >= 0")
-optional_positive = (lambda v: v is None or v > 0, "must be null or > 0")
+null_or_positive = (lambda v: v is None or v > 0, "must be null or > 0")
 fraction = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 probability = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+up_to_one = (lambda v: 0 < v <= 1, "must be in (0, 1]")
+folder_name = (
+    lambda v: v is None or (v not in ("", ".", "..") and "/" not in v and "\\" not in v),
+    "must be a plain folder name (no '/', not '..')",
+)
+skip_record = (
+    lambda v: v is None or re.fullmatch(r"\d+:[1-9]\d*", v) is not None,
+    "must be SKIP:RECORD (RECORD >= 1)",
+)
 
 
-def checked(default, doc, rule, choices=()):
-    return knob(default, doc, choices=choices, check=rule[0], msg=rule[1])
-
-
+# one knob, one line: a table to read (past the line length where a doc needs it)
+# fmt: off
 @dataclass
 class RunConfig:
     dir: str = knob("runs", "parent folder of run directories", path=True)
-    name: str | None = checked(
-        None,
-        "run directory name; null = $SLURM_JOB_ID under SLURM (ARRAYJOB_TASK in a job array), else a timestamp",
-        (
-            lambda v: v is None or (v not in ("", ".", "..") and "/" not in v and "\\" not in v),
-            "must be a plain folder name (no '/', not '..')",
-        ),
-    )
+    name: str | None = knob(None, "run directory name; null = $SLURM_JOB_ID (ARRAYJOB_TASK in an array), else a timestamp", folder_name)
     seed: int = knob(0, "base random seed (each rank derives its own augmentation stream)")
-    deterministic: bool = knob(
-        False, "deterministic kernels only (torch.use_deterministic_algorithms, cuDNN autotuner off): slower"
-    )
+    deterministic: bool = knob(False, "deterministic kernels only (torch.use_deterministic_algorithms, cuDNN autotuner off): slower")
 
 
 @dataclass
 class DataConfig:
     root: str = knob("data", "where the prepared dataset lives", path=True)
-    mirror: str | None = knob(
-        None, "folder with the four original .gz files; null = Debian's copy if present", path=True
-    )
-    train_subset: int | None = checked(
-        None, "null = whole train split; N = the first N images", optional_positive
-    )
-    test_subset: int | None = checked(
-        None, "null = whole test split; N = the first N images", optional_positive
-    )
-    resize: int | None = checked(
-        None, "null = native 28x28; 224 reproduces the original recipe", optional_positive
-    )
-    crop_padding: int = checked(0, "random-crop padding in pixels (0 = no crop augmentation)", non_negative)
+    mirror: str | None = knob(None, "folder with the four original .gz files; null = Debian's copy if present", path=True)
+    train_subset: int | None = knob(None, "null = whole train split; N = the first N images", null_or_positive)
+    test_subset: int | None = knob(None, "null = whole test split; N = the first N images", null_or_positive)
+    resize: int | None = knob(None, "null = native 28x28; 224 reproduces the original recipe", null_or_positive)
+    crop_padding: int = knob(0, "random-crop padding in pixels (0 = no crop augmentation)", non_negative)
     flip: bool = knob(False, "random horizontal flip")
-    erasing: float = checked(0.0, "probability of random erasing per image", probability)
-    eval_batch_size: int = checked(1024, "per-rank batch size for evaluation", positive)
+    erasing: float = knob(0.0, "probability of random erasing per image", probability)
+    eval_batch_size: int = knob(1024, "per-rank batch size for evaluation", positive)
 
 
 @dataclass
 class ModelConfig:
-    stem: str = knob(
-        "imagenet",
-        "imagenet (7x7/2 conv + 3x3/2 max-pool) or cifar (3x3/1 conv, no pool)",
-        choices=("imagenet", "cifar"),
-    )
+    stem: str = knob("imagenet", "imagenet (7x7/2 conv + 3x3/2 max-pool) or cifar (3x3/1 conv, no pool)", choices=("imagenet", "cifar"))
     init: str = knob("xavier", "weight init: xavier (original) or kaiming", choices=("xavier", "kaiming"))
-    sync_bn: bool = knob(
-        False, "BatchNorm statistics over the whole global batch under DDP (SyncBatchNorm, GPUs)"
-    )
+    sync_bn: bool = knob(False, "BatchNorm statistics over the whole global batch under DDP (SyncBatchNorm, GPUs)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = checked(10, "number of epochs", positive)
-    batch_size: int = checked(256, "GLOBAL batch size over all ranks", positive)
-    accum_steps: int = checked(
-        1,
-        "micro-batches per optimizer step on each rank (gradient accumulation); the global batch stays",
-        positive,
-    )
-    lr: float = checked(0.05, "peak learning rate", positive)
-    momentum: float = checked(0.0, "SGD momentum", fraction)
+    epochs: int = knob(10, "number of epochs", positive)
+    batch_size: int = knob(256, "GLOBAL batch size over all ranks", positive)
+    accum_steps: int = knob(1, "micro-batches per optimizer step on each rank (gradient accumulation); the global batch stays", positive)
+    lr: float = knob(0.05, "peak learning rate", positive)
+    momentum: float = knob(0.0, "SGD momentum", fraction)
     nesterov: bool = knob(False, "Nesterov momentum (needs momentum > 0)")
-    weight_decay: float = checked(
-        0.0, "weight decay (never applied to BatchNorm weights and biases)", non_negative
-    )
-    schedule: str = knob(
-        "constant",
-        "LR schedule: constant (original), onecycle, cosine (warmup + cosine)",
-        choices=("constant", "onecycle", "cosine"),
-    )
-    warmup: float = checked(0.0, "fraction of training spent warming up (onecycle, cosine)", fraction)
-    label_smoothing: float = checked(0.0, "label smoothing of the cross-entropy", fraction)
-    precision: str = knob(
-        "auto",
-        "auto, bf16, fp16 or fp32 (auto: bf16 / fp16 on GPU, fp32 on CPU)",
-        choices=("auto", "bf16", "fp16", "fp32"),
-    )
-    cuda_graphs: str = knob(
-        "auto",
-        "capture the training step and the evaluation as CUDA graphs: auto (on one GPU in bf16/fp32, eager "
-        "elsewhere), on (also under DDP on 2+ GPUs: unverified), off",
-        choices=("auto", "on", "off"),
-    )
-    ema_decay: float = checked(
-        0.0, "evaluate an exponential moving average of the weights with this decay (0 = off)", fraction
-    )
+    weight_decay: float = knob(0.0, "weight decay (never applied to BatchNorm weights and biases)", non_negative)
+    schedule: str = knob("constant", "LR schedule: constant (original), onecycle, cosine (warmup + cosine)", choices=("constant", "onecycle", "cosine"))
+    warmup: float = knob(0.0, "fraction of training spent warming up (onecycle, cosine)", fraction)
+    label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy", fraction)
+    precision: str = knob("auto", "auto, bf16, fp16 or fp32 (auto: bf16 / fp16 on GPU, fp32 on CPU)", choices=("auto", "bf16", "fp16", "fp32"))
+    cuda_graphs: str = knob("auto", "capture the step and the evaluation as CUDA graphs: auto (one GPU, bf16/fp32), on (also 2+ GPUs: unverified), off", choices=("auto", "on", "off"))
+    ema_decay: float = knob(0.0, "evaluate an exponential moving average of the weights with this decay (0 = off)", fraction)
     tta_flip: bool = knob(False, "test-time augmentation: average the logits of each image and its mirror")
 
 
 @dataclass
 class DistConfig:
-    backend: str = knob(
-        "auto",
-        "process-group backend: auto (nccl on GPUs, gloo on CPU), nccl, or gloo (on GPUs it lets several ranks "
-        "share one GPU: the multi-rank code on a one-GPU machine)",
-        choices=("auto", "nccl", "gloo"),
-    )
-    timeout_s: int = checked(
-        600, "collective timeout in seconds: a dead peer fails the others after this", positive
-    )
-    bucket_mb: int = checked(
-        25, "DDP gradient bucket size in MiB (ResNet-18 has ~45 MB of fp32 gradients)", positive
-    )
-    grad_compression: str = knob(
-        "none", "DDP communication hook: none, or bf16 (halves all-reduce bytes)", choices=("none", "bf16")
-    )
+    backend: str = knob("auto", "process-group backend: auto (nccl on GPUs, gloo on CPU), nccl, or gloo (on GPUs: several ranks may share one)", choices=("auto", "nccl", "gloo"))
+    timeout_s: int = knob(600, "collective timeout in seconds: a dead peer fails the others after this", positive)
+    bucket_mb: int = knob(25, "DDP gradient bucket size in MiB (ResNet-18 has ~45 MB of fp32 gradients)", positive)
+    grad_compression: str = knob("none", "DDP communication hook: none, or bf16 (halves all-reduce bytes)", choices=("none", "bf16"))
 
 
 @dataclass
 class CheckpointConfig:
-    resume: str = knob(
-        "auto", "auto (newest valid checkpoint of the run directory), never, or a path", path=True
-    )
-    keep: int = checked(2, "how many step checkpoints to keep (last.pt is the newest)", positive)
-    every_steps: int = checked(0, "also save every N steps (0 = only at epoch ends)", non_negative)
-    every_epochs: int = checked(
-        1, "save at the end of every N-th epoch (the last epoch always saves)", positive
-    )
-    max_overhead: float = checked(
-        0.05,
-        "skip an epoch-end save while saving would take more than this fraction of "
-        "the time since the previous save (1 = never skip)",
-        (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    )
-    requeue: bool = knob(
-        True, "under SLURM, after a preemption signal rank 0 requeues the job (needs sbatch --requeue)"
-    )
+    resume: str = knob("auto", "auto (newest valid checkpoint of the run directory), never, or a path", path=True)
+    keep: int = knob(2, "how many step checkpoints to keep (last.pt is the newest)", positive)
+    every_steps: int = knob(0, "also save every N steps (0 = only at epoch ends)", non_negative)
+    every_epochs: int = knob(1, "save at the end of every N-th epoch (the last epoch always saves)", positive)
+    max_overhead: float = knob(0.05, "skip an epoch-end save while saving would take more than this share of the time since the previous one (1 = never skip)", up_to_one)
+    requeue: bool = knob(True, "under SLURM, after a preemption signal rank 0 requeues the job (needs sbatch --requeue)")
 
 
 @dataclass
 class WandbConfig:
-    mode: str = knob(
-        "auto",
-        "auto (online if an API key is configured, else offline), online, offline or disabled; "
-        "WANDB_MODE in the environment wins",
-        choices=("auto", "online", "offline", "disabled"),
-    )
+    mode: str = knob("auto", "auto (online if an API key is configured, else offline), online, offline or disabled; WANDB_MODE wins", choices=("auto", "online", "offline", "disabled"))
     project: str = knob("resnet_dist", "W&B project")
     entity: str | None = knob(None, "W&B entity (team or user); null = your default")
     group: str | None = knob(None, "W&B group; null = the SLURM (array) job id, else the run name")
     name: str | None = knob(None, "W&B run display name; null = the run name (run directory)")
     tags: list[str] = knob([], "W&B tags, e.g. log.wandb.tags=[baseline,bf16]")
-    init_timeout_s: int = checked(
-        30, "give up connecting to the W&B server after this and log offline", positive
-    )
-    log_model: bool = knob(
-        False, "at the end of a finished run, log model.safetensors + model.json as a W&B model artifact"
-    )
+    init_timeout_s: int = knob(30, "give up connecting to the W&B server after this and log offline", positive)
+    log_model: bool = knob(False, "at the end of a finished run, log model.safetensors + model.json as a W&B model artifact")
 
 
 @dataclass
 class LogConfig:
-    every_steps: int = checked(50, "train metrics are all-reduced and logged every N steps", positive)
-    progress: str = knob(
-        "auto",
-        "auto (tqdm bar on a terminal, a line per epoch otherwise), bar, lines",
-        choices=("auto", "bar", "lines"),
-    )
-    profile: str | None = checked(
-        None,
-        "SKIP:RECORD: torch.profiler traces of RECORD steps after SKIP, on every rank, in <run dir>/profile/",
-        (
-            lambda v: v is None or re.fullmatch(r"\d+:[1-9]\d*", v) is not None,
-            "must be SKIP:RECORD (RECORD >= 1)",
-        ),
-    )
-    tensorboard: bool = knob(
-        False, "rank 0 also writes the scalars and confusion matrices to <run dir>/tensorboard/"
-    )
+    every_steps: int = knob(50, "train metrics are all-reduced and logged every N steps", positive)
+    progress: str = knob("auto", "auto (tqdm bar on a terminal, a line per epoch otherwise), bar, lines", choices=("auto", "bar", "lines"))
+    profile: str | None = knob(None, "SKIP:RECORD: torch.profiler traces of RECORD steps after SKIP, on every rank, in <run dir>/profile/", skip_record)
+    tensorboard: bool = knob(False, "rank 0 also writes the scalars and confusion matrices to <run dir>/tensorboard/")
     wandb: WandbConfig = field(default_factory=WandbConfig)
+# fmt: on
 
 
 @dataclass
@@ -384,66 +303,12 @@ def check_world(cfg: Config, world_size: int) -> None:
         )
 
 
-class _Loader(yaml.SafeLoader):
-    """yaml.safe_load's loader, refusing a key given twice: PyYAML would keep the last one silently (a second
-    `train:` section drops every key of the first)."""
-
-    def construct_document(self, node):
-        _refuse_repeated_keys(node, {}, "", set())
-        return super().construct_document(node)
-
-
-class RepeatedKey(yaml.YAMLError):
-    pass
-
-
-def _refuse_repeated_keys(node, seen: dict, prefix: str, visited: set) -> None:
-    """Every key by its dotted name (so `train.lr:` and `lr:` under `train:` are the same key) -> its line."""
-    if id(node) in visited:  # an alias of a node already walked (or a recursive one)
-        return
-    visited.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            if key.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: overriding merged keys is its purpose
-                continue
-            name = f"{prefix}{key.value}" if isinstance(key, yaml.ScalarNode) else None
-            if name is not None:
-                line = key.start_mark.line + 1
-                if name in seen:
-                    raise RepeatedKey(
-                        f"key '{name}' is given twice (lines {seen[name]} and {line}): keep one"
-                    )
-                seen[name] = line
-            _refuse_repeated_keys(value, seen, f"{name}." if name else prefix, visited)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _refuse_repeated_keys(item, {}, prefix, visited)
-
-
-def read_yaml(path: str) -> dict:
-    """A config file's mapping; anything else (unreadable, not UTF-8 text, not YAML, a repeated key, not a
-    mapping) is a ConfigError in one line."""
-    path = os.path.expanduser(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_Loader) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not a text file (not UTF-8): give a YAML file") from None
-    except RepeatedKey as e:
-        raise ConfigError(f"config file {path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {first_line(e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
-
-
 def load(
     path: str | None = None, overrides: typing.Sequence[str] = (), world_size: int | None = None
 ) -> Config:
     """Defaults <- YAML file <- overrides, validated; with `world_size`, also the checks that need it."""
+    from .configfile import read_yaml  # the file's form, apart: config keeps to what the knobs are
+
     cfg = Config()
     if path is not None:
         from_dict(read_yaml(path), cfg)
@@ -452,30 +317,6 @@ def load(
     if world_size is not None:
         check_world(cfg, world_size)
     return cfg
-
-
-def to_yaml(cfg: Config, docs: bool = False) -> str:
-    """The config as YAML; `docs`: each key's one-line doc (and its allowed values) as a comment beside it."""
-    if not docs:
-        return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    lines = []
-
-    def walk(node, indent: str) -> None:
-        for f in dataclasses.fields(node):
-            value = getattr(node, f.name)
-            if dataclasses.is_dataclass(value):
-                lines.append(f"{indent}{f.name}:")
-                walk(value, indent + "  ")
-                continue
-            text = yaml.safe_dump([value], default_flow_style=True, width=1000).strip()[1:-1]
-            named = f.metadata.get("choices") or ()
-            said = all(str(c) in f.metadata["doc"] for c in named)  # a doc that names them needs no list
-            choices = f" ({' | '.join(map(str, named))})" if named and not said else ""
-            lines.append((f"{indent}{f.name}: {text}", f"# {f.metadata['doc']}{choices}"))
-
-    walk(cfg, "")
-    width = max(len(x[0]) for x in lines if isinstance(x, tuple)) + 2
-    return "".join((f"{x[0]:<{width}}{x[1]}" if isinstance(x, tuple) else x) + "\n" for x in lines)
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -492,8 +333,3 @@ def flat(d: dict, prefix: str = "") -> dict:
 def flat_keys(cfg: Config) -> list[str]:
     """Every key, dotted: run.dir, ..., log.wandb.mode, ..."""
     return list(flat(cfg.to_dict()))
-
-
-def key_help() -> str:
-    """Every key with its default and doc, for --help."""
-    return to_yaml(Config(), docs=True)

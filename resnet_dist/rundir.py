@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from . import checkpoint, distributed, files, lock
-from .config import Config, to_yaml
+from .config import Config
+from .configfile import to_yaml
 from .errors import RunError, UsageError
 from .loggers import truncate_jsonl
 

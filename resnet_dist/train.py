@@ -13,6 +13,7 @@ from pathlib import Path
 from . import (
     cli,
     config,
+    configfile,
     distributed,
     launchcheck,
     launchenv,
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m resnet_dist.train",
         description=__doc__,
-        epilog="config keys (give any as KEY=VALUE; the defaults are shown):\n" + config.key_help(),
+        epilog="config keys (give any as KEY=VALUE; the defaults are shown):\n" + configfile.key_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", type=cli.expand_path, help="YAML file over the built-in defaults")
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
         # the launcher's world size, read from the environment before any process group exists
         cfg = config.load(args.config, args.overrides, world_size=launchenv.detect()["world_size"])
         if args.print_config:
-            print(config.to_yaml(cfg, docs=True), end="")
+            print(configfile.to_yaml(cfg, docs=True), end="")
             return 0
         timeout_s = cfg.dist.timeout_s
         set_process_environment(cfg)
