@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, cli, config, distributed, files, launchcheck
+from .amp import autocast_for, resolve_precision
 from .data import CLASSES, check_root, eval_shard, load_split, normalize, prepare
 from .distributed import DistEnv
 from .errors import RunError, UsageError, first_line
 from .model import build_model, memory_format
-from .optim import autocast_for, resolve_precision
 from .step import CaptureError
 
 log = logging.getLogger("resnet_dist.evaluate")  # not __name__: run as __main__ by python -m

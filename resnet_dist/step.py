@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .amp import LossScaler, NoScaler
 from .config import ConfigError
 from .errors import RunError, first_line
 from .metrics import TrainMeter
-from .optim import EMA, LossScaler, NoEMA, NoScaler, Schedule
+from .optim import EMA, NoEMA, Schedule
 
 WARMUP_STEPS = 3  # eager steps before a capture: cuDNN's algorithm search, momentum buffers, the allocator
 WARMUP_STEPS_DDP = 11  # DDP needs at least 11 eager iterations before a capture (PyTorch's CUDA graph notes)

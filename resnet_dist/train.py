@@ -24,11 +24,11 @@ from . import (
     tensorboard_logger,
     wandb_logger,
 )
+from .amp import resolve_precision
 from .data import load_splits
 from .distributed import CUBLAS_DETERMINISTIC
 from .errors import RunError, UsageError
 from .loggers import ConsoleLogger, JsonlLogger, MultiLogger, NullLogger
-from .optim import resolve_precision
 from .preemption import Preemption
 from .profiling import NoProfiler, StepProfiler
 from .trainer import Outcome, Trainer

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, optim, perf, step
+from .amp import autocast_for, loss_scaler, resolve_precision
 from .config import Config
 from .data import Splits, TrainBatches, augment_seed
 from .distributed import DistEnv, all_gather_object, broadcast_buffers, rank0_decides
@@ -77,7 +78,7 @@ class Trainer:
         self.model = build_model(cfg.model).to(dev, memory_format=self.memory_format)
         if cfg.model.sync_bn and env.distributed:  # BatchNorm over the global batch (CUDA only, see train.py)
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.precision = optim.resolve_precision(train.precision, dev)
+        self.precision = resolve_precision(train.precision, dev)
         # the step is captured as a CUDA graph unless `eager_why` says why not (CaptureError: `on` cannot be)
         self.graphs = graphs or (step.CudaGraphs() if dev.type == "cuda" else None)
         self.eager_why = step.plan(
@@ -108,7 +109,7 @@ class Trainer:
             self.ddp,
             self.optimizer,
             self.schedule,
-            optim.loss_scaler(self.precision, self.model, dev),  # fp16's loss scaling, else a no-op
+            loss_scaler(self.precision, self.model, dev),  # fp16's loss scaling, else a no-op
             self.ema,
             self.meter,
             self.loss_fn,
@@ -131,7 +132,7 @@ class Trainer:
 
     def autocast_for_step(self):
         # a captured step enters autocast inside the graph, without its cast cache (PyTorch's CUDA graph notes)
-        return optim.autocast_for(self.precision, self.env.device, cache=self.eager_why is not None)
+        return autocast_for(self.precision, self.env.device, cache=self.eager_why is not None)
 
     def capture(self) -> str:
         """Capture the step, then the evaluation, as CUDA graphs when the plan says so (from this state, which it

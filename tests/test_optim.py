@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from resnet_dist import distributed
+from resnet_dist.amp import resolve_precision
 from resnet_dist.config import ModelConfig, TrainConfig
 from resnet_dist.model import build_model
 from resnet_dist.optim import (
@@ -17,7 +18,6 @@ from resnet_dist.optim import (
     lr_factor,
     make_optimizer,
     optimizer_impl,
-    resolve_precision,
 )
 
 CPU = torch.device("cpu")

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from resnet_dist import checkpoint, optim
+from resnet_dist import amp, checkpoint
 from resnet_dist.config import load as load_config
 from resnet_dist.data import Splits, load_splits
 from resnet_dist.distributed import DistEnv
@@ -30,7 +30,7 @@ def _tiny_trainer(data_root, run_dir, *overrides, meta=None):
     cfg = load_config(None, small_run(data_root, run_dir, "rt", *RESUME, *overrides), world_size=1)
     trainer = Trainer(cfg, CPU_ENV, load_splits(cfg.data, CPU_ENV.device), run_dir / "rt", meta=meta)
     # fp16 autocast is very slow on CPU: an enabled loss scaler over fp32 math gives the scaler a real state
-    trainer.amp = optim.LossScaler(trainer.model, CPU_ENV.device, init_scale=1024.0, growth_interval=2)
+    trainer.amp = amp.LossScaler(trainer.model, CPU_ENV.device, init_scale=1024.0, growth_interval=2)
     return trainer
 
 
@@ -474,7 +474,7 @@ def overflow_at(trainer, steps: set[int]) -> list[int]:
     fp16 the stem's input is scaled past 65504, as large activations would; over fp32 math it is made inf. The
     loss scaler starts at a scale of 64, where this tiny model's gradients never overflow by themselves."""
     count, factor = [0], 1e6 if trainer.precision == "fp16" else math.inf
-    trainer.amp = optim.LossScaler(trainer.model, CPU_ENV.device, init_scale=64.0)
+    trainer.amp = amp.LossScaler(trainer.model, CPU_ENV.device, init_scale=64.0)
 
     def hook(module, args):
         if not module.training:
@@ -583,9 +583,7 @@ def test_fp16_scaler_state_and_skips_carry_over_a_resume(tmp_path):
         a.step_in_epoch += 1
     state = a.state_dict()
     b = Trainer(cfg, CPU_ENV, synthetic(), None)
-    b.amp = optim.LossScaler(
-        b.model, CPU_ENV.device
-    )  # as a fresh fp16 run starts: the checkpoint's scale wins
+    b.amp = amp.LossScaler(b.model, CPU_ENV.device)  # as a fresh fp16 run starts: the checkpoint's scale wins
     b.load_state_dict(state)
     assert b.amp.scaler.get_scale() == a.amp.scaler.get_scale() == 32.0
     assert (b.amp.skipped, b.amp.skipped_total) == (
