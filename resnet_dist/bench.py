@@ -26,8 +26,9 @@ import torch.distributed as dist
 
 from . import cli, config, distributed, launchcheck, launchenv
 from .amp import autocast_for, resolve_precision
-from .data import MEAN, STD, load_split, load_splits, normalize, prepare
+from .data import load_splits, normalize
 from .errors import RunError, UsageError
+from .fashion_mnist import MEAN, STD, load_split, prepare
 from .model import build_model, memory_format
 from .optim import make_optimizer
 from .perf import Clock, device_name, matmul_ceiling_tflops, peak_tflops, train_flops_per_image

@@ -23,9 +23,10 @@ from torch import nn
 
 from . import checkpoint, cli, config, distributed, files, launchcheck
 from .amp import autocast_for, resolve_precision
-from .data import CLASSES, check_root, eval_shard, load_split, normalize, prepare
+from .data import eval_shard, normalize
 from .distributed import DistEnv
 from .errors import RunError, UsageError, first_line
+from .fashion_mnist import CLASSES, check_root, load_split, prepare
 from .model import build_model, memory_format
 from .step import CaptureError
 

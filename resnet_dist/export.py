@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from . import checkpoint, cli, config, exportdir, files
-from .data import check_root, load_split, prepare
 from .errors import RunError, UsageError
 from .evaluate import check_overrides
+from .fashion_mnist import check_root, load_split, prepare
 from .predict import INSTALL_HINT, OnnxRunner, TorchRunner, inference_card, load_checkpoint
 
 log = logging.getLogger("resnet_dist.export")  # not __name__: run as __main__ by python -m

@@ -11,8 +11,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .config import ModelConfig
-from .data import CLASSES
 from .distributed import DistEnv
+from .fashion_mnist import CLASSES
 
 
 class Residual(nn.Module):

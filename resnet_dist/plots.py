@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from . import cli, files  # noqa: E402
-from .data import CLASSES  # noqa: E402
 from .errors import UsageError  # noqa: E402
+from .fashion_mnist import CLASSES  # noqa: E402
 
 
 def epoch_records(metrics_path: Path) -> list[dict]:

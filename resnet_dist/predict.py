@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from . import checkpoint, cli, config
-from .data import CLASSES, IMAGE_SIZE, MEAN, STD, normalize
+from .data import normalize
 from .errors import UsageError, first_line
 from .evaluate import Evaluator, checkpoint_config, load_model
+from .fashion_mnist import CLASSES, IMAGE_SIZE, MEAN, STD
 from .model import build_model
 
 log = logging.getLogger("resnet_dist.predict")  # not __name__: run as __main__ by python -m

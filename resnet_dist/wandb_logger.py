@@ -25,8 +25,8 @@ import string
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .data import CLASSES
 from .errors import first_line
+from .fashion_mnist import CLASSES
 from .loggers import EpochMedia, NullLogger, scalars
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from .slurm_cluster import slurm_cluster  # noqa: F401  (a session fixture of th
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
-    from resnet_dist.data import prepare
+    from resnet_dist.fashion_mnist import prepare
 
     root = tmp_path_factory.mktemp("data")
     prepare(str(root))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from resnet_dist import data
+from resnet_dist import data, fashion_mnist
 from resnet_dist.config import DataConfig
 from resnet_dist.lock import HOST
 
@@ -20,12 +20,12 @@ from .helpers import PY, REPO, clean_env, tmpfs
 
 def test_prepared_files_are_the_published_ones(data_root):
     raw = data_root / "FashionMNIST" / "raw"
-    for name, want in data.FILES.items():
-        assert data.md5(raw / name) == want
-    x, y = data.load_split(raw, "train")
+    for name, want in fashion_mnist.FILES.items():
+        assert fashion_mnist.md5(raw / name) == want
+    x, y = fashion_mnist.load_split(raw, "train")
     assert x.shape == (60000, 1, 28, 28) and x.dtype == torch.uint8
     assert torch.bincount(y).tolist() == [6000] * 10
-    xt, yt = data.load_split(raw, "test", subset=123)
+    xt, yt = fashion_mnist.load_split(raw, "test", subset=123)
     assert xt.shape == (123, 1, 28, 28) and yt.shape == (123,)
 
 
@@ -33,15 +33,15 @@ def test_torchvision_reads_the_same_layout(data_root):
     from torchvision.datasets import FashionMNIST
 
     ds = FashionMNIST(str(data_root), train=False, download=False)
-    x, y = data.load_split(data_root / "FashionMNIST" / "raw", "test")
+    x, y = fashion_mnist.load_split(data_root / "FashionMNIST" / "raw", "test")
     assert torch.equal(ds.data, x[:, 0]) and torch.equal(ds.targets, y)
 
 
 def _mirror_with(tmp_path, corrupt: bool):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    for name in data.FILES:
-        shutil.copy(f"{data.DEBIAN_MIRROR}/{name}.gz", mirror / f"{name}.gz")
+    for name in fashion_mnist.FILES:
+        shutil.copy(f"{fashion_mnist.DEBIAN_MIRROR}/{name}.gz", mirror / f"{name}.gz")
     if corrupt:
         with gzip.open(mirror / "t10k-labels-idx1-ubyte.gz", "wb") as f:
             f.write(b"\x00\x00\x08\x01" + b"\x00" * 100)
@@ -50,8 +50,8 @@ def _mirror_with(tmp_path, corrupt: bool):
 
 def test_corrupt_mirror_is_refused_and_leaves_nothing(tmp_path):
     mirror = _mirror_with(tmp_path, corrupt=True)
-    with pytest.raises(data.DataError, match="wrong MD5"):
-        data.prepare(str(tmp_path / "root"), str(mirror))
+    with pytest.raises(fashion_mnist.DataError, match="wrong MD5"):
+        fashion_mnist.prepare(str(tmp_path / "root"), str(mirror))
     assert not (tmp_path / "root" / "FashionMNIST" / "raw").exists()
     assert [p.name for p in (tmp_path / "root" / "FashionMNIST").iterdir()] == []  # no temp dir, no lock left
 
@@ -59,14 +59,14 @@ def test_corrupt_mirror_is_refused_and_leaves_nothing(tmp_path):
 def test_missing_mirror_file_is_one_clear_error(tmp_path):
     mirror = _mirror_with(tmp_path, corrupt=False)
     (mirror / "train-images-idx3-ubyte.gz").unlink()
-    with pytest.raises(data.DataError, match="lacks train-images"):
-        data.prepare(str(tmp_path / "root"), str(mirror))
+    with pytest.raises(fashion_mnist.DataError, match="lacks train-images"):
+        fashion_mnist.prepare(str(tmp_path / "root"), str(mirror))
 
 
 def _prepare_worker(root, mirror, barrier, out):
     barrier.wait()
     try:
-        out.put(str(data.prepare(root, mirror)))
+        out.put(str(fashion_mnist.prepare(root, mirror)))
     except Exception as e:  # noqa: BLE001
         out.put(f"error {e}")
 
@@ -87,10 +87,10 @@ def test_concurrent_prepare_leaves_one_intact_copy(tmp_path):
         assert p.exitcode == 0
     raw = tmp_path / "root" / "FashionMNIST" / "raw"
     assert results == [str(raw)] * 3
-    assert sorted(p.name for p in raw.iterdir()) == sorted(data.FILES)
+    assert sorted(p.name for p in raw.iterdir()) == sorted(fashion_mnist.FILES)
     assert sorted(p.name for p in raw.parent.iterdir()) == ["raw"]  # no second copy, temp dir or lock left
-    for name, want in data.FILES.items():
-        assert data.md5(raw / name) == want
+    for name, want in fashion_mnist.FILES.items():
+        assert fashion_mnist.md5(raw / name) == want
 
 
 def test_a_lock_left_by_a_dead_preparer_on_another_host_is_broken_saying_so(tmp_path, capsys):
@@ -100,7 +100,7 @@ def test_a_lock_left_by_a_dead_preparer_on_another_host_is_broken_saying_so(tmp_
     (folder / ".prepare.lock").write_text("old-container pid 7 since 2025-01-01 00:00:00 start 99\n")
     os.utime(folder / ".prepare.lock", (time.time() - 3600,) * 2)  # a restarted container's
     t0 = time.monotonic()
-    data.prepare(str(tmp_path / "root"), str(mirror))
+    fashion_mnist.prepare(str(tmp_path / "root"), str(mirror))
     assert time.monotonic() - t0 < 30  # not the half hour of waiting it used to be
     assert "removed the lock" in capsys.readouterr().out
     assert sorted(p.name for p in folder.iterdir()) == ["raw"]
@@ -108,14 +108,14 @@ def test_a_lock_left_by_a_dead_preparer_on_another_host_is_broken_saying_so(tmp_
 
 SLOW_PREPARE = """
 import shutil, sys, time
-from resnet_dist import data
+from resnet_dist import data, fashion_mnist
 copy = shutil.copyfileobj
 def slow(*args):  # a slow mirror: the first file copied, then a long wait
     copy(*args)
     print("copying", flush=True)
     time.sleep(120)
 shutil.copyfileobj = slow
-data.prepare(sys.argv[1], sys.argv[2])
+fashion_mnist.prepare(sys.argv[1], sys.argv[2])
 """
 
 
@@ -146,7 +146,7 @@ def test_a_signal_while_preparing_keeps_nothing_and_the_next_preparation_clears_
     (folder / f".raw-{HOST}-{live.pid}").mkdir()
     (folder / ".raw-gone-host-12").mkdir()
     try:
-        data.prepare(str(root), str(mirror))
+        fashion_mnist.prepare(str(root), str(mirror))
     finally:
         live.kill()
         live.wait()
@@ -176,8 +176,8 @@ def test_a_damaged_prepared_root_is_refused_saying_how_to_rebuild_it(tmp_path, d
         path.write_bytes(content[:-100])
     else:
         path.write_bytes(content[:offset] + how(content[offset : offset + 200]) + content[offset + 200 :])
-    with pytest.raises(data.DataError) as e:
-        data.prepare(str(root))
+    with pytest.raises(fashion_mnist.DataError) as e:
+        fashion_mnist.prepare(str(root))
     assert str(e.value) == (
         f"data.root {root}: {name} is not the published file (its MD5 differs): the prepared data is damaged; "
         f"delete {root / 'FashionMNIST'} and run again to prepare it anew"
@@ -196,8 +196,8 @@ def test_an_unusable_data_root_is_one_line_naming_it(tmp_path, kind):
     with contextlib.ExitStack() as stack:
         if kind == "a read-only filesystem":
             stack.enter_context(tmpfs(tmp_path / "ro", "size=1m,ro"))
-        with pytest.raises(data.DataError) as e:
-            data.prepare(str(root))
+        with pytest.raises(fashion_mnist.DataError) as e:
+            fashion_mnist.prepare(str(root))
     msg = str(e.value)
     assert msg.startswith(f"data.root {root} ") and "\n" not in msg
     assert {
@@ -231,7 +231,7 @@ def test_train_shards_disjoint_covering_and_seeded(world):
 
 def test_train_batches_cover_each_rank_shard_per_epoch(data_root):
     raw = data_root / "FashionMNIST" / "raw"
-    x, y = data.load_split(raw, "train", subset=600)
+    x, y = fashion_mnist.load_split(raw, "train", subset=600)
     seen = []
     for rank in range(2):
         tb = data.TrainBatches(x, y, 50, rank, 2, seed=1, cfg=DataConfig())
@@ -264,7 +264,7 @@ def test_augment_is_batched_seeded_and_label_preserving_in_shape():
 def test_crop_is_a_shift_of_the_padded_image():
     x = torch.arange(2 * 5 * 5, dtype=torch.float).view(2, 1, 5, 5)
     out = data.augment(x, torch.Generator().manual_seed(3), padding=2, flip=False, erasing=0.0)
-    fill = (0.0 - data.MEAN) / data.STD
+    fill = (0.0 - fashion_mnist.MEAN) / fashion_mnist.STD
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=fill)
     for i in range(2):  # each output is some 5x5 window of its own padded image
         windows = [padded[i, 0, r : r + 5, c : c + 5] for r in range(5) for c in range(5)]
@@ -294,6 +294,8 @@ def test_resize_to_224():
 def test_a_mirror_file_that_is_not_gzip_is_one_clear_error(tmp_path):
     mirror = _mirror_with(tmp_path, corrupt=False)
     (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(b"<html>a proxy's error page</html>")
-    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte.gz is not a readable gzip file"):
-        data.prepare(str(tmp_path / "root"), str(mirror))
+    with pytest.raises(
+        fashion_mnist.DataError, match="t10k-labels-idx1-ubyte.gz is not a readable gzip file"
+    ):
+        fashion_mnist.prepare(str(tmp_path / "root"), str(mirror))
     assert not (tmp_path / "root" / "FashionMNIST" / "raw").exists()

@@ -8,8 +8,8 @@ import torch
 
 from resnet_dist import evaluate
 from resnet_dist.config import ModelConfig, load
-from resnet_dist.data import load_split
 from resnet_dist.evaluate import CLASS_KEYS, Evaluator
+from resnet_dist.fashion_mnist import load_split
 from resnet_dist.model import build_model
 
 from .helpers import PY, epochs, exit_code, in_gloo_group, read_metrics, run, torchrun

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from resnet_dist import checkpoint, config, export, exportdir, files, predict
-from resnet_dist.data import CLASSES, MEAN, STD, load_split, normalize, prepare
+from resnet_dist.data import normalize
 from resnet_dist.evaluate import Evaluator, checkpoint_config, load_model
+from resnet_dist.fashion_mnist import CLASSES, MEAN, STD, load_split, prepare
 from resnet_dist.model import build_model
 
 from .helpers import PY, epochs, exit_code, read_metrics, run, small_run
