@@ -14,13 +14,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .errors import UsageError
-
-
-class ConfigError(UsageError):
-    """A usage error in the config: unknown key, wrong type or invalid value (exit 2)."""
-
-    every_rank = True  # every rank reads the same config
+from .configfile import read_yaml
+from .errors import ConfigError
 
 
 def knob(default, doc: str, rule: tuple | None = None, choices: tuple = (), path: bool = False):
@@ -307,8 +302,6 @@ def load(
     path: str | None = None, overrides: typing.Sequence[str] = (), world_size: int | None = None
 ) -> Config:
     """Defaults <- YAML file <- overrides, validated; with `world_size`, also the checks that need it."""
-    from .configfile import read_yaml  # the file's form, apart: config keeps to what the knobs are
-
     cfg = Config()
     if path is not None:
         from_dict(read_yaml(path), cfg)

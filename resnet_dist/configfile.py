@@ -8,8 +8,7 @@ import os
 
 import yaml
 
-from .config import Config, ConfigError
-from .errors import first_line
+from .errors import ConfigError, first_line
 
 
 class _Loader(yaml.SafeLoader):
@@ -68,7 +67,7 @@ def read_yaml(path: str) -> dict:
     return data
 
 
-def to_yaml(cfg: Config, docs: bool = False) -> str:
+def to_yaml(cfg, docs: bool = False) -> str:
     """The config as YAML; `docs`: each key's one-line doc (and its allowed values) as a comment beside it."""
     if not docs:
         return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -90,8 +89,3 @@ def to_yaml(cfg: Config, docs: bool = False) -> str:
     walk(cfg, "")
     width = max(len(x[0]) for x in lines if isinstance(x, tuple)) + 2
     return "".join((f"{x[0]:<{width}}{x[1]}" if isinstance(x, tuple) else x) + "\n" for x in lines)
-
-
-def key_help() -> str:
-    """Every key with its default and doc, for --help."""
-    return to_yaml(Config(), docs=True)

@@ -26,3 +26,9 @@ class UsageError(Exception):
 class RunError(Exception):
     exit_code = 1
     every_rank = False
+
+
+class ConfigError(UsageError):
+    """A usage error in the config: unknown key, wrong type or invalid value (exit 2)."""
+
+    every_rank = True  # every rank reads the same config

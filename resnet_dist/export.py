@@ -25,7 +25,7 @@ from . import checkpoint, cli, config, exportdir, files
 from .errors import RunError, UsageError
 from .evaluate import check_overrides
 from .fashion_mnist import check_root, load_split, prepare
-from .predict import INSTALL_HINT, OnnxRunner, TorchRunner, inference_card, load_checkpoint
+from .runners import INSTALL_HINT, OnnxRunner, TorchRunner, inference_card, load_checkpoint
 
 log = logging.getLogger("resnet_dist.export")  # not __name__: run as __main__ by python -m
 

@@ -118,3 +118,39 @@ def since_process_start() -> float:
 
 
 IMPORTED = time.perf_counter()
+
+
+def busy_fraction(step, it, device: torch.device, n: int = 10) -> float | None:
+    """The share of wall time in which the GPU ran kernels over `n` steps (the union of the kernels' intervals,
+    from the profiler, which adds a little overhead per kernel of its own); None off GPUs."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step(*next(it))
+        torch.cuda.synchronize()
+    kernels = [
+        (e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA
+    ]
+    host = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CPU]
+    return busy_share(kernels, host)
+
+
+def busy_share(kernels: list[tuple[float, float]], host: list[tuple[float, float]]) -> float | None:
+    """The union of the kernels' intervals (kernels on several streams overlap) over the whole profiled span."""
+    spans = sorted((a, b) for a, b in kernels if b > a)
+    if not spans:
+        return None
+    busy, end = 0.0, None
+    for a, b in spans:
+        if end is None or a > end:
+            busy, end = busy + (b - a), b
+        elif b > end:
+            busy, end = busy + (b - end), b
+    everything = spans + list(host)
+    wall = max(b for _, b in everything) - min(a for a, _ in everything)
+    return busy / wall if wall > 0 else None

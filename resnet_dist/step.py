@@ -23,7 +23,8 @@ from torch import nn
 
 from .amp import LossScaler, NoScaler
 from .config import ConfigError
-from .errors import RunError, first_line
+from .errors import first_line
+from .graphs import CaptureError, CudaGraphs
 from .metrics import TrainMeter
 from .optim import EMA, NoEMA, Schedule
 
@@ -33,10 +34,6 @@ WARMUP_STEPS_DDP = 11  # DDP needs at least 11 eager iterations before a capture
 # replays run the same kernels on the same inputs, so they agree closely; a graph that froze the LR, lost the
 # momentum or replays a stale input is off by order 1
 TOLERANCE = {"bf16": 2e-2, "fp32": 1e-3}
-
-
-class CaptureError(RunError):
-    """The capture failed, or the captured step disagrees with the eager one: under `on`, exit 1."""
 
 
 def plan(setting: str, graphs: bool, precision: str, world_size: int, backend: str | None, cfg) -> str | None:
@@ -118,29 +115,6 @@ class EagerStep:
         if trained:  # a skipped step leaves no trace (the loss scaler put the BatchNorm statistics back)
             p.ema.update(p.model)
         p.meter.count_step(trained)
-
-
-class CudaGraphs:
-    """The part of torch.cuda the captured step uses; a test substitutes an emulation that runs on the CPU."""
-
-    def stream(self):
-        return torch.cuda.Stream()
-
-    def on(self, stream):
-        return torch.cuda.stream(stream)
-
-    def join(self, stream) -> None:
-        """The current stream waits for `stream`, and the host for both."""
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-
-    def capture(self, fn, stream):
-        """fn's kernels recorded as a graph (not run), on `stream`; `.replay()` runs them."""
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: NCCL's watchdog thread may query events while this thread captures
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-            fn()
-        return graph
 
 
 class CapturedStep:

@@ -203,7 +203,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m resnet_dist.train",
         description=__doc__,
-        epilog="config keys (give any as KEY=VALUE; the defaults are shown):\n" + configfile.key_help(),
+        epilog="config keys (give any as KEY=VALUE; the defaults are shown):\n"
+        + configfile.to_yaml(config.Config(), docs=True),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", type=cli.expand_path, help="YAML file over the built-in defaults")

@@ -21,7 +21,8 @@ from .amp import autocast_for, loss_scaler, resolve_precision
 from .config import Config
 from .data import Splits, TrainBatches, augment_seed
 from .distributed import DistEnv, all_gather_object, broadcast_buffers, rank0_decides
-from .evaluate import Evaluator, GraphedEvaluation
+from .evaluate import Evaluator
+from .graphs import CaptureError, CudaGraphs, GraphedEvaluation
 from .loggers import EpochMedia, NullLogger, fmt, progress_bar
 from .metrics import LossGuard, TrainMeter
 from .model import build_model, memory_format, wrap_ddp
@@ -80,7 +81,7 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.precision = resolve_precision(train.precision, dev)
         # the step is captured as a CUDA graph unless `eager_why` says why not (CaptureError: `on` cannot be)
-        self.graphs = graphs or (step.CudaGraphs() if dev.type == "cuda" else None)
+        self.graphs = graphs or (CudaGraphs() if dev.type == "cuda" else None)
         self.eager_why = step.plan(
             train.cuda_graphs, self.graphs is not None, self.precision, env.world_size, env.backend, cfg
         )
@@ -150,7 +151,7 @@ class Trainer:
             self.graphed_eval = GraphedEvaluation.checked(
                 self.evaluator, self.ema.module, self.data.test_x, self.data.test_y, self.graphs, self.stream
             )
-        except step.CaptureError as e:
+        except CaptureError as e:
             if self.cfg.train.cuda_graphs == "on":
                 raise
             part = "evaluation" if self.step.captured else "step"

@@ -79,7 +79,7 @@ class EmulatedGraph:
 
 
 class EmulatedGraphs:
-    """The interface of resnet_dist.step.CudaGraphs, on the CPU (no streams)."""
+    """The interface of resnet_dist.graphs.CudaGraphs, on the CPU (no streams)."""
 
     def __init__(self):
         self.graphs = []

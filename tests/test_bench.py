@@ -129,7 +129,7 @@ def test_sweep_of_per_gpu_batches_in_one_process(tmp_path, data_root, capsys):
 
 
 def test_gpu_busy_is_the_union_of_kernel_time_over_the_span():
-    from resnet_dist.bench import busy_share
+    from resnet_dist.perf import busy_share
 
     # kernels at 0-2, 1-3 (overlapping: 3 busy), 6-7; the host's work spans 0-10: 40% busy
     assert busy_share([(0, 2), (1, 3), (6, 7)], [(0, 10)]) == pytest.approx(0.4)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_dist import checkpoint, config, export, exportdir, files, predict
+from resnet_dist import checkpoint, config, export, exportdir, files, predict, runners
 from resnet_dist.data import normalize
 from resnet_dist.evaluate import Evaluator, checkpoint_config, load_model
 from resnet_dist.fashion_mnist import CLASSES, MEAN, STD, load_split, prepare
@@ -150,11 +150,11 @@ def test_ema_weights_and_flip_tta_are_exported(trained, data_root, tmp_path):
     weights = load_file(out / "model.safetensors")
     assert all(torch.equal(weights[k], ema[k]) for k in ema) and weights.keys() == ema.keys()
 
-    model = predict.model_from_card(card, weights)
+    model = runners.model_from_card(card, weights)
     images = load_split(prepare(str(data_root)), "test", 50)[0]
-    runner = predict.OnnxRunner(out / "model.onnx", card)
-    with_tta = predict.TorchRunner(model, card).logits(images)
-    without = predict.TorchRunner(model, {**card, "tta_flip": False}).logits(images)
+    runner = runners.OnnxRunner(out / "model.onnx", card)
+    with_tta = runners.TorchRunner(model, card).logits(images)
+    without = runners.TorchRunner(model, {**card, "tta_flip": False}).logits(images)
     assert (runner.logits(images) - with_tta).abs().max() < 1e-3 < (with_tta - without).abs().max()
 
 

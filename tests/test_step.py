@@ -8,7 +8,7 @@ import torch
 from resnet_dist import step
 from resnet_dist.config import load as load_config
 from resnet_dist.errors import UsageError
-from resnet_dist.evaluate import GraphedEvaluation
+from resnet_dist.graphs import CaptureError, GraphedEvaluation
 from resnet_dist.trainer import Outcome, Trainer
 
 from .graph_emulator import EmulatedGraphs
@@ -78,7 +78,7 @@ def test_the_comparison_catches_a_graph_that_reads_a_stale_batch(tmp_path, monke
         torch.equal(before[k], v) for k, v in auto.ema.module.state_dict().items()
     )
     on = trainer(tmp_path / "o", "train.cuda_graphs=on", graphs=EmulatedGraphs())
-    with pytest.raises(step.CaptureError, match="disagrees with the eager one on the same batch: loss"):
+    with pytest.raises(CaptureError, match="disagrees with the eager one on the same batch: loss"):
         on.capture()
 
 
