@@ -278,15 +278,12 @@ def check_world(cfg: Config, world_size: int) -> None:
             f"over {world_size} ranks = {per_rank})"
         )
     if per_rank // train.accum_steps < 2:
-        where = f"per rank on {world_size} ranks"
-        key = "train.batch_size"
+        key, value, where = ("train.batch_size", train.batch_size, f"per rank on {world_size} ranks")
         if train.accum_steps > 1:
-            where, key = (
-                f"per micro-batch ({per_rank} per rank in {train.accum_steps} micro-batches)",
-                "train.accum_steps",
-            )
+            key, value = "train.accum_steps", train.accum_steps
+            where = f"per micro-batch ({per_rank} per rank in {train.accum_steps} micro-batches)"
         raise ConfigError(
-            f"config key '{key}' ({getattr(train, key.split('.')[1])}) gives {per_rank // train.accum_steps} image {where}: "
+            f"config key '{key}' ({value}) gives {per_rank // train.accum_steps} image {where}: "
             "BatchNorm cannot train on one image; use at least 2"
         )
     images = min(cfg.data.train_subset or TRAIN_IMAGES, TRAIN_IMAGES)
@@ -321,8 +318,3 @@ def flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def flat_keys(cfg: Config) -> list[str]:
-    """Every key, dotted: run.dir, ..., log.wandb.mode, ..."""
-    return list(flat(cfg.to_dict()))

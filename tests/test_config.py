@@ -167,7 +167,7 @@ def test_print_config_exits_0_without_training(tmp_path):
     assert any(x.startswith("  lr: 0.2 ") and x.endswith("# peak learning rate") for x in lines)
     assert any(x.startswith("  cuda_graphs: auto ") and "(auto | on | off)" not in x for x in lines)
     assert any(x.startswith("  grad_compression: none") and "bf16" in x for x in lines)
-    assert sum("#" in x for x in lines) == len(config.flat_keys(config.Config()))
+    assert sum("#" in x for x in lines) == len(config.flat(config.Config().to_dict()))
 
 
 def test_the_entry_points_are_console_scripts_too(tmp_path):
@@ -191,7 +191,7 @@ def test_help_lists_every_key_with_its_doc(capsys):
     code = exit_code(train.main, ["--help"])
     assert code == 0
     out = capsys.readouterr().out
-    for key in config.flat_keys(config.Config()):
+    for key in config.flat(config.Config().to_dict()):
         assert f" {key.rsplit('.', 1)[-1]}: " in out, key
     assert "# deterministic kernels only" in out and "# W&B project" in out
 
