@@ -63,7 +63,7 @@ class Parts:
     """What a step works with, built by the Trainer."""
 
     model: nn.Module  # the plain module: its parameters, buffers and the EMA's source
-    train_model: nn.Module  # what the forward pass calls: the DDP wrapper or the model, compiled or not
+    train_model: nn.Module  # what the forward pass calls: the DDP wrapper or the model
     ddp: nn.Module | None
     optimizer: torch.optim.Optimizer
     schedule: Schedule

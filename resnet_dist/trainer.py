@@ -43,7 +43,7 @@ class Trainer:
     env: DistEnv
     model: nn.Module  # the plain module: what checkpoints hold and `evaluate` rebuilds
     ddp: nn.Module | None  # the model under DDP; None in a single process
-    train_model: nn.Module  # what a step calls: the DDP wrapper or the model, compiled or not
+    train_model: nn.Module  # what a step calls: the DDP wrapper or the model
     # progress: the epoch and the step within it to run next, and the global step count
     epoch: int
     step_in_epoch: int
