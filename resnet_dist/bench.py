@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", type=cli.expand_path)
     p.add_argument("--mode", choices=("trainer", "bare", "torchvision"), default="trainer")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, allocator, workers)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (autotuning, allocator)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers for --mode torchvision")
     p.add_argument("--out", default="bench.json", help="JSON file (rank 0 writes it)")
     p.add_argument(

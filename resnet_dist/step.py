@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from .amp import LossScaler, NoScaler
-from .config import ConfigError
-from .errors import first_line
+from .errors import ConfigError, first_line
 from .graphs import CaptureError, CudaGraphs
 from .metrics import TrainMeter
 from .optim import EMA, NoEMA, Schedule
@@ -124,9 +123,8 @@ class CapturedStep:
 
     def __init__(self, parts: Parts, eager: EagerStep, graphs=None, stream=None):
         self.p, self.eager, self.graphs = parts, eager, graphs or CudaGraphs()
-        self.stream = (
-            stream or self.graphs.stream()
-        )  # DDP was built on it (see Trainer): warm-up and capture too
+        # DDP was built on this stream (see Trainer): the warm-up and the capture run on it too
+        self.stream = stream or self.graphs.stream()
         self.graph = self.x = self.y = None
         for group in parts.optimizer.param_groups:
             assert isinstance(group["lr"], torch.Tensor), "a captured step reads its LR from a device tensor"
@@ -157,9 +155,8 @@ class CapturedStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> None:
         p = self.p
-        if (
-            getattr(p.ema, "count", 1) == 0
-        ):  # a fresh run's first step: its EMA update copies, the graph lerps
+        # a fresh run's first step runs eagerly: its EMA update copies, the graph's lerps
+        if getattr(p.ema, "count", 1) == 0:
             return self.eager(x, y, step)
         start = p.meter.device_clock.mark()
         p.schedule.set(step)
