@@ -23,14 +23,16 @@ def free_port() -> int:
 
 
 def clean_env(**extra) -> dict:
-    """The environment of a launched job: no inherited launcher variables, W&B off unless asked, 1 thread."""
+    """The environment of a launched job: no inherited launcher variables, W&B off unless asked, 1 thread, this
+    interpreter."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("SLURM_", "TORCHELASTIC_", "ACCELERATE_", "WANDB_"))
         and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
     }
-    env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    # PYTHON: the launch scripts run this interpreter (not whatever .venv or python3 the checkout has)
+    env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHON": PY})
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -385,9 +385,9 @@ def launcher_env(monkeypatch, env: dict) -> list:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     waits = []
-    monkeypatch.setattr(distributed, "QUIET_WAIT_S", 0.0)
+    monkeypatch.setattr(launchcheck, "QUIET_WAIT_S", 0.0)
     real = launchcheck.wait_for_launcher
-    monkeypatch.setattr(distributed, "wait_for_launcher", lambda: waits.append(real()))
+    monkeypatch.setattr(launchcheck, "wait_for_launcher", lambda: waits.append(real()))
     return waits
 
 
