@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +83,33 @@ def small_run(data_root: Path, run_dir: Path, name: str, *overrides: str) -> lis
         "data.eval_batch_size=256",
         *overrides,
     ]
+
+
+HELD = [PY, "-m", "tests.held"]  # `python -m resnet_dist.train` held at a known point (tests/held.py)
+
+
+def hold(folder: Path, *points: str, rank: int = 0) -> dict:
+    """The environment of a run started as HELD (or torchrun(module="tests.held")): rank `rank` holds at each
+    of `points` ("step 3 until signal", "stop"); `marker(folder, point)` appears once it does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"HOLD_DIR": folder, "HOLD": ", ".join(points), "HOLD_RANK": rank}
+
+
+def launch(cmd: list[str], **env) -> subprocess.Popen:
+    """A process the test talks to (signals, kills) while it runs: text pipes for its stdout and stderr."""
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(path: Path, *procs: subprocess.Popen, timeout: float = 180) -> None:
+    """Until `path` exists (a held run's marker, a checkpoint), while every one of `procs` is still running."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        for proc in procs:
+            assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
 
 
 def run(cmd: list[str], timeout: float = 300, **env) -> subprocess.CompletedProcess:
@@ -168,6 +198,24 @@ def tmpfs(path: Path, options: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def call(main, *argv: str, **env) -> tuple[int, str, str]:
+    """`main(argv)` of an entry point in this process, as a launched job would run it: os.environ as
+    clean_env(**env) makes it, the signal handlers put back afterwards. (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for k in os.environ.keys() - clean_env().keys():
+            mp.delenv(k)
+        for k, v in clean_env(**env).items():
+            mp.setenv(k, v)
+        try:
+            code = exit_code(main, list(argv))
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+    return code, out.getvalue(), err.getvalue()
 
 
 def exit_code(main, *args) -> int:

@@ -18,7 +18,21 @@ import yaml
 
 from resnet_dist import checkpoint, train
 
-from .helpers import PY, REPO, clean_env, epochs, free_port, read_metrics, run, small_run, tmpfs
+from .held import marker
+from .helpers import (
+    HELD,
+    PY,
+    clean_env,
+    epochs,
+    free_port,
+    hold,
+    launch,
+    read_metrics,
+    run,
+    small_run,
+    tmpfs,
+    wait_for,
+)
 
 TRAIN = [PY, "-m", "resnet_dist.train"]
 
@@ -28,20 +42,6 @@ def one_line(proc) -> str:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return lines[0]
-
-
-def launch(cmd, **env):
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def wait_for(path: Path, proc, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -70,8 +70,8 @@ def tree(folder: Path) -> list[str]:
 # ---- two runs, one directory ---------------------------------------------------------------------------
 def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_holder_blocks_nobody(tmp_path, data_root):
     args = small_run(data_root, tmp_path, "busy", "train.epochs=3", "log.every_steps=2")
-    first = launch(TRAIN + args)
-    wait_for(tmp_path / "busy" / "config.yaml", first)
+    first = launch(HELD + args, **hold(tmp_path / "held", "step 0"))  # held with the directory, until killed
+    wait_for(marker(tmp_path / "held", "step 0"), first)
     second = run(TRAIN + args, timeout=120)
     assert second.returncode == 2
     line = one_line(second)
@@ -237,13 +237,12 @@ def test_torn_metrics_lines(tmp_path, capsys):
 
 # ---- Ctrl-C -----------------------------------------------------------------------------------------------
 def test_ctrl_c_saves_and_a_second_one_aborts_at_once(tmp_path, data_root):
-    args = TRAIN + small_run(data_root, tmp_path, "c", "train.epochs=3", "log.every_steps=1")
-    metrics = tmp_path / "c" / "metrics.jsonl"
-    proc = launch(args)
-    wait_for(metrics, proc)
-    while not metrics.read_text():  # training: its first step is logged
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    """Ctrl-C saves at the next step and exits 0; resumed, a second Ctrl-C stops at once (130), before the
+    checkpoint the first one asked for. The runs are held where each signal must land (tests/held.py)."""
+    args = small_run(data_root, tmp_path, "c", "train.epochs=3", "log.every_steps=1")
+    ckpts = tmp_path / "c" / "checkpoints"
+    proc = launch(HELD + args, **hold(tmp_path / "first", "step 1 until signal"))
+    wait_for(marker(tmp_path / "first", "step 1"), proc)  # training: its first step done
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -251,21 +250,24 @@ def test_ctrl_c_saves_and_a_second_one_aborts_at_once(tmp_path, data_root):
         "interrupted: saving a checkpoint at the next step (Ctrl-C again to stop at once)"
     ]
     saved = int(out.split("preempted: checkpoint saved at step ")[1].split(";")[0])
-    assert checkpoint.load(tmp_path / "c" / "checkpoints" / "last.pt")["progress"]["global_step"] == saved
+    assert saved == 2 and checkpoint.load(ckpts / "last.pt")["progress"]["global_step"] == saved
 
-    proc = launch(args)
-    deadline = time.time() + 120
-    while max(r["step"] for r in read_metrics(tmp_path / "c")) <= saved:  # until the resumed run logs a step
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
+    held = tmp_path / "second"
+    proc = launch(HELD + args, **hold(held, f"step {saved + 1} until signal", "stop"))
+    wait_for(marker(held, f"step {saved + 1}"), proc)  # the resumed run trains
     proc.send_signal(signal.SIGINT)
-    assert proc.stderr.readline().startswith("interrupted: saving")  # the handler ran: the flag is up
+    wait_for(
+        marker(held, "stop"), proc
+    )  # the first Ctrl-C stopped the loop; its checkpoint is not written yet
+    before = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert [line for line in err.splitlines() if line.strip()] == [
-        "interrupted twice: stopping without a checkpoint"
+        "interrupted: saving a checkpoint at the next step (Ctrl-C again to stop at once)",
+        "interrupted twice: stopping without a checkpoint",
     ]
+    assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == before  # no checkpoint written
 
 
 # ---- the disk fills up -----------------------------------------------------------------------------------

@@ -310,21 +310,25 @@ def test_a_resumed_interval_keeps_its_time(tmp_path):
 
 def test_tiny_epochs_do_not_write_a_checkpoint_each(tmp_path, monkeypatch):
     """Epochs of a few batches with a save that costs more than they do: the default max_overhead (5%) skips
-    epoch-end saves until enough time has passed; the last epoch still saves."""
-    slow_save = checkpoint.save
+    epoch-end saves until enough time has passed; the last epoch still saves. The clock is the test's: each
+    save takes 100 s on it (a slow disk, a big model), so the 1900 s the cadence waits for never pass."""
+    real_clock, skew = time.perf_counter, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + skew[0])
+    real_save, saves = checkpoint.save, []
 
-    def save(*args, **kwargs):
-        time.sleep(0.5)  # a slow disk (or a big model) against epochs of a few batches
-        return slow_save(*args, **kwargs)
+    def slow_save(*args, **kwargs):
+        skew[0] += 100.0
+        saves.append(args[2])
+        return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save", save)
+    monkeypatch.setattr(checkpoint, "save", slow_save)
     cfg = load_config(
         None, [f"run.dir={tmp_path}", *SYNTH, "train.epochs=6", "checkpoint.keep=10"], world_size=1
     )
     trainer = Trainer(cfg, CPU_ENV, synthetic(), tmp_path / "s")
     assert trainer.fit() is Outcome.DONE
     saved = [int(p.name[5:13]) for p in checkpoint.step_files(tmp_path / "s" / "checkpoints")]
-    assert sorted(saved) == [4, 24]  # the first epoch (nothing measured yet) and the last
+    assert sorted(saved) == saves == [4, 24]  # the first epoch (nothing measured yet) and the last
 
 
 # ---- gradient accumulation ---------------------------------------------------------------------------------
