@@ -202,19 +202,32 @@ def tmpfs(path: Path, options: str):
 
 def call(main, *argv: str, **env) -> tuple[int, str, str]:
     """`main(argv)` of an entry point in this process, as a launched job would run it: os.environ as
-    clean_env(**env) makes it, the signal handlers put back afterwards. (exit code, stdout, stderr)."""
+    clean_env(**env) makes it; the environment, the signal handlers and torch's determinism switches put back
+    afterwards. (exit code, stdout, stderr)."""
+    import torch
+
     out, err = io.StringIO(), io.StringIO()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        for k in os.environ.keys() - clean_env().keys():
-            mp.delenv(k)
-        for k, v in clean_env(**env).items():
-            mp.setenv(k, v)
-        try:
+    environ = dict(os.environ)
+    switches = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
+    fresh = clean_env(**env)
+    os.environ.clear()
+    os.environ.update(fresh)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = exit_code(main, list(argv))
-        finally:
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        torch.use_deterministic_algorithms(switches[0], warn_only=switches[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = switches[2:]
     return code, out.getvalue(), err.getvalue()
 
 

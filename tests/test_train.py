@@ -7,7 +7,7 @@ import torch
 from resnet_dist import checkpoint
 from resnet_dist.evaluate import CLASS_KEYS
 
-from .helpers import PY, epochs, read_metrics, run, small_run, torchrun, without_timing
+from .helpers import PY, call, epochs, read_metrics, run, small_run, torchrun, without_timing
 
 EPOCH_KEYS = {
     "epoch",
@@ -165,28 +165,16 @@ def test_small_per_rank_batch_warns_on_gpus_only():
 
 
 def test_deterministic_runs_repeat_exactly_with_accumulation(tmp_path, data_root):
-    """run.deterministic=true twice (with gradient accumulation): the same metrics.jsonl, timing aside."""
+    """run.deterministic=true twice (with gradient accumulation), in this process: the same metrics.jsonl,
+    timing aside."""
+    from resnet_dist import train
+
     records = []
     for name in ("d1", "d2"):
-        proc = run(
-            [
-                PY,
-                "-m",
-                "resnet_dist.train",
-                *small_run(
-                    data_root,
-                    tmp_path,
-                    name,
-                    "run.deterministic=true",
-                    "train.accum_steps=2",
-                    "train.epochs=1",
-                    "data.flip=true",
-                    "data.erasing=0.3",
-                ),
-            ]
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert "deterministic=on accum_steps=2 " in proc.stdout.splitlines()[0]
+        args = ("run.deterministic=true", "train.accum_steps=2", "train.epochs=1", "data.flip=true")
+        code, out, err = call(train.main, *small_run(data_root, tmp_path, name, *args, "data.erasing=0.3"))
+        assert code == 0, err
+        assert "deterministic=on accum_steps=2 " in out.splitlines()[0]
         records.append(without_timing(read_metrics(tmp_path / name)))
     assert records[0] == records[1] and len(records[0]) == 4  # steps 3, 6, 8 and the epoch
 
