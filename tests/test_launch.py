@@ -15,7 +15,19 @@ import torch
 
 from resnet_dist import distributed, launchcheck, launchenv, selftest, train
 
-from .helpers import PY, REPO, clean_env, epochs, exit_code, free_port, read_metrics, run, small_run, torchrun
+from .helpers import (
+    PY,
+    REPO,
+    call,
+    clean_env,
+    epochs,
+    exit_code,
+    free_port,
+    read_metrics,
+    run,
+    small_run,
+    torchrun,
+)
 
 TINY = ("data.train_subset=256", "train.epochs=1", "log.every_steps=2")  # after small_run's: these win
 
@@ -477,14 +489,10 @@ def test_launch_mistakes_are_one_line_and_exit_2_in_every_command(
 
 
 def test_world_size_without_master_exits_2_at_once(tmp_path):
-    proc = run(
-        [PY, "-m", "resnet_dist.train", f"run.dir={tmp_path}", "run.name=x"],
-        timeout=60,
-        RANK="0",
-        WORLD_SIZE="2",
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [
+    t0 = time.monotonic()
+    code, _, err = call(train.main, f"run.dir={tmp_path}", "run.name=x", RANK="0", WORLD_SIZE="2")
+    assert code == 2 and time.monotonic() - t0 < 60, err
+    assert err.strip().splitlines() == [
         "error: WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT is not set: every process needs rank 0's address "
         "and port (torchrun, srun and accelerate launch set them)"
     ]
@@ -493,16 +501,11 @@ def test_world_size_without_master_exits_2_at_once(tmp_path):
 
 def test_unresolvable_master_addr_exits_2_at_once(tmp_path):
     """It used to wait the whole dist.timeout_s (600 s), then print C++ frames and blame a busy port."""
-    proc = run(
-        [PY, "-m", "resnet_dist.train", f"run.dir={tmp_path}", "run.name=x"],
-        timeout=90,
-        RANK="0",
-        WORLD_SIZE="2",
-        MASTER_ADDR="no-such-host.invalid",
-        MASTER_PORT=str(free_port()),
-    )
-    assert proc.returncode == 2, proc.stderr
-    err = proc.stderr.strip().splitlines()
+    env = dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="no-such-host.invalid", MASTER_PORT=str(free_port()))
+    t0 = time.monotonic()
+    code, _, err = call(train.main, f"run.dir={tmp_path}", "run.name=x", **env)
+    assert code == 2 and time.monotonic() - t0 < 90, err
+    err = err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
         "error: MASTER_ADDR='no-such-host.invalid' does not resolve"
     ), err
