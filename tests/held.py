@@ -12,7 +12,12 @@ is made certain rather than hoped for. The signals, kills and processes stay rea
   HOLD_DIR   a folder: holding at a point creates the point's marker there (`marker()` names it), which the test
              waits for. A process holds at a point only while its marker does not exist: a restarted or resumed
              run goes on without holding again.
-  HOLD_RANK  the rank that holds (default 0); the others wait for it in their next collective.
+  HOLD_RANK  the rank that holds (default 0; empty: every rank); the others wait for it in their next
+             collective.
+  HOLD_IF    NAME=VALUE: only a process with that in its environment holds (one task of a SLURM job array).
+
+Under a launcher that runs `-m resnet_dist.train` itself (a launch script, sbatch), tests/hold_site on
+PYTHONPATH installs the same hold (helpers.hold(..., site=True)).
 
 A hold ends after LIMIT_S in any case, as a deadline: the run then goes on and the test fails on what follows.
 """
@@ -62,7 +67,10 @@ def _hold(at: Path, until_signal: bool) -> None:
 def install(env=os.environ) -> None:
     from resnet_dist.trainer import Trainer
 
-    folder, rank = Path(env["HOLD_DIR"]), int(env.get("HOLD_RANK", "0"))
+    folder, rank = Path(env["HOLD_DIR"]), env.get("HOLD_RANK", "0")
+    name, _, value = env.get("HOLD_IF", "").partition("=")
+    if name and env.get(name) != value:
+        return
     steps, stop = {}, None  # step -> (marker, until a signal); the stop's (marker, until a signal)
     for point in env["HOLD"].split(","):
         what, _, until = point.strip().partition(" until ")
@@ -76,7 +84,7 @@ def install(env=os.environ) -> None:
             steps[int(n)] = held
 
     def hold(trainer, held) -> None:
-        if held is not None and trainer.env.rank == rank and not held[0].exists():
+        if held is not None and rank in ("", str(trainer.env.rank)) and not held[0].exists():
             _hold(*held)
 
     train_step, stop_run = Trainer.train_step, Trainer.stop

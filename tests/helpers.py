@@ -88,11 +88,18 @@ def small_run(data_root: Path, run_dir: Path, name: str, *overrides: str) -> lis
 HELD = [PY, "-m", "tests.held"]  # `python -m resnet_dist.train` held at a known point (tests/held.py)
 
 
-def hold(folder: Path, *points: str, rank: int = 0) -> dict:
-    """The environment of a run started as HELD (or torchrun(module="tests.held")): rank `rank` holds at each
-    of `points` ("step 3 until signal", "stop"); `marker(folder, point)` appears once it does."""
+def hold(folder: Path, *points: str, rank: int | None = 0, only_if: str = "", site: bool = False) -> dict:
+    """The environment of a run started as HELD (or torchrun(module="tests.held")) that holds at each of
+    `points` ("step 3 until signal", "stop"), on rank `rank` (None: every rank), in a process whose environment
+    has `only_if` (NAME=VALUE); `marker(folder, point)` appears once it does. site: for runs that a launch
+    script or SLURM starts as `-m resnet_dist.train` (tests/hold_site on PYTHONPATH). See tests/held.py."""
     folder.mkdir(parents=True, exist_ok=True)
-    return {"HOLD_DIR": folder, "HOLD": ", ".join(points), "HOLD_RANK": rank}
+    env = {"HOLD_DIR": folder, "HOLD": ", ".join(points), "HOLD_RANK": "" if rank is None else rank}
+    if only_if:
+        env["HOLD_IF"] = only_if
+    if site:
+        env["PYTHONPATH"] = REPO / "tests" / "hold_site"
+    return env
 
 
 def launch(cmd: list[str], **env) -> subprocess.Popen:

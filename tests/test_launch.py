@@ -15,6 +15,7 @@ import torch
 
 from resnet_dist import distributed, launchcheck, launchenv, selftest, train
 
+from .held import marker
 from .helpers import (
     PY,
     REPO,
@@ -23,10 +24,12 @@ from .helpers import (
     epochs,
     exit_code,
     free_port,
+    hold,
     read_metrics,
     run,
     small_run,
     torchrun,
+    wait_for,
 )
 
 TINY = ("data.train_subset=256", "train.epochs=1", "log.every_steps=2")  # after small_run's: these win
@@ -637,7 +640,9 @@ def children(pid: int) -> list[int]:
 def test_losing_a_node_keeps_the_run(tmp_path, data_root):
     """Elastic: two agents (torchrun --nnodes=1:2 --max-restarts=3, c10d rendezvous), one process each. The
     second agent and its worker are SIGKILLed mid-epoch: the first agent's worker restarts alone, resumes from
-    the newest checkpoint at world size 1 with the same global batch, and finishes; nothing logged twice."""
+    the newest checkpoint at world size 1 with the same global batch, and finishes; nothing logged twice. The
+    second agent's worker is held after the step-10 checkpoint until then (tests/held.py, through the launch
+    script: tests/hold_site)."""
     port = free_port()
     cmd = ["bash", "launch/torchrun_multinode.sh", "--nnodes", "1:2", "--rdzv", f"127.0.0.1:{port}"]
     cmd += ["--nproc", "1", "--max-restarts", "3", "--rdzv-conf"]
@@ -649,18 +654,15 @@ def test_losing_a_node_keeps_the_run(tmp_path, data_root):
     out = subprocess.PIPE
     host_cmd = [*cmd, "last_call_timeout=5,is_host=true", *args]
     host = subprocess.Popen(host_cmd, cwd=REPO, env=clean_env(), text=True, stdout=out, stderr=out)
+    held = tmp_path / "held"  # in epoch 1, after epoch 0 on 2 ranks: its worker, whichever rank it is, holds
     node = subprocess.Popen(
         [*cmd, "last_call_timeout=5,is_host=false", *args],
         cwd=REPO,
-        env=clean_env(),
+        env=clean_env(**hold(held, "step 10", rank=None, site=True)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # bash execs torchrun: node.pid is the agent
-    ckpt = tmp_path / "el" / "checkpoints" / "step-00000010.pt"  # in epoch 1, after epoch 0 on 2 ranks
-    deadline = time.time() + 180
-    while not ckpt.exists():
-        assert host.poll() is None and node.poll() is None and time.time() < deadline, host.communicate()
-        time.sleep(0.05)
+    wait_for(marker(held, "step 10"), host, node)
     for pid in [node.pid, *children(node.pid)]:  # the node is gone: its agent and its worker
         os.kill(pid, signal.SIGKILL)
     node.wait()
