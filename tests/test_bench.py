@@ -44,6 +44,7 @@ def test_bench_single_process(tmp_path, data_root, mode):
     check(json.loads(out.read_text()), mode, 1)
 
 
+@pytest.mark.processes
 def test_bench_two_ranks_reports_allreduce_wait_and_stragglers(tmp_path, data_root):
     out = tmp_path / "b.json"
     proc = run(

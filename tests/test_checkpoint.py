@@ -44,6 +44,7 @@ while True:
 """
 
 
+@pytest.mark.processes
 def test_kill_during_save_never_leaves_a_partial_file(tmp_path, trained):
     ck = tmp_path / "ck"
     real = trained / "checkpoints" / "last.pt"

@@ -149,6 +149,7 @@ def test_print_config_exits_0_without_training(tmp_path):
     assert sum("#" in x for x in lines) == len(config.flat_keys(config.Config()))
 
 
+@pytest.mark.processes
 def test_the_entry_points_are_console_scripts_too(tmp_path):
     """pip install makes resnet-dist-train and friends (pyproject.toml [project.scripts]), beside python -m."""
     bin_dir = Path(PY).parent

@@ -25,6 +25,7 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.processes
 def test_same_accuracy_on_1_and_3_ranks(trained, data_root, tmp_path):
     """One process (this one) and torchrun's three."""
     ckpt = tmp_path / "ck" / "last.pt"
@@ -135,6 +136,7 @@ def _evaluate_in_group(env, raw):
     return evaluator.evaluate(model, x, y, env)
 
 
+@pytest.mark.processes
 def test_evaluation_is_identical_for_1_2_and_3_ranks(data_root):
     raw = data_root / "FashionMNIST" / "raw"
     by_world = {w: in_gloo_group(_evaluate_in_group, w, raw) for w in (2, 3)}

@@ -221,6 +221,7 @@ def test_export_usage_errors_exit_2_with_one_line(trained, tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.processes
 def test_without_onnx_the_safetensors_export_still_works(trained, exported, tmp_path):
     from safetensors.torch import load_file
 
@@ -677,6 +678,7 @@ sys.exit(export.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.processes
 def test_sigkill_during_the_onnx_verification_keeps_the_previous_export(
     trained, exported, tmp_path, tmp_path_factory, capsys
 ):

@@ -53,6 +53,7 @@ def tree(folder: Path) -> list[str]:
 
 
 # ---- two runs, one directory ---------------------------------------------------------------------------
+@pytest.mark.processes
 def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_holder_blocks_nobody(tmp_path, data_root):
     args = small_run(data_root, tmp_path, "busy", "train.epochs=3", "log.every_steps=2")
     first = launch(HELD + args, **hold(tmp_path / "held", "step 0"))  # held with the directory, until killed
@@ -215,6 +216,7 @@ def test_torn_metrics_lines(tmp_path, capsys):
 
 
 # ---- Ctrl-C -----------------------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_ctrl_c_saves_and_a_second_one_aborts_at_once(tmp_path, data_root):
     """Ctrl-C saves at the next step and exits 0; resumed, a second Ctrl-C stops at once (130), before the
     checkpoint the first one asked for. The runs are held where each signal must land (tests/held.py)."""
@@ -250,6 +252,7 @@ def test_ctrl_c_saves_and_a_second_one_aborts_at_once(tmp_path, data_root):
 
 
 # ---- the disk fills up -----------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, data_root):
     """2 ranks; a 70 MB tmpfs holds one 45 MB checkpoint, not two: rank 0 says why, rank 1 does not blame a
     dead peer, and the first checkpoint stays loadable."""
@@ -369,6 +372,7 @@ while True:
 """
 
 
+@pytest.mark.processes
 def test_busy_master_port_and_a_peer_that_never_joins(tmp_path):
     port, lonely = free_port(), free_port()
     squatter = subprocess.Popen([PY, "-c", BUSY, str(port)], stdout=subprocess.PIPE, text=True)

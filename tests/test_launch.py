@@ -515,6 +515,7 @@ def test_unresolvable_master_addr_exits_2_at_once(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.processes
 def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
     """Three ranks hit the same bad key: rank 0 says it and exits 2; the others wait quietly until torchrun
     stops them (SIGTERM), so that rank 0 is never stopped before it prints. torchrun's own summary
@@ -532,6 +533,7 @@ def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
 
 
 # ---- the launchers, for real, on CPU ------------------------------------------------------------
+@pytest.mark.processes
 def test_launch_torchrun_sh_two_cpu_processes(tmp_path, data_root):
     env = {"NPROC": "", "CUDA_VISIBLE_DEVICES": ""}  # no GPU visible: 2 CPU processes
     proc = run(["bash", "launch/torchrun.sh", *small_run(data_root, tmp_path, "tr", *TINY)], **env)
@@ -541,6 +543,7 @@ def test_launch_torchrun_sh_two_cpu_processes(tmp_path, data_root):
     assert [(r["epoch"], r["world_size"], r["test/samples"]) for r in ep] == [(0, 2, 999)]
 
 
+@pytest.mark.processes
 def test_two_torchrun_agents_form_one_job(tmp_path, data_root):
     """Two "nodes" on this machine: agents with node ranks 0 and 1, one process each, static rendezvous."""
     port = free_port()
@@ -575,6 +578,7 @@ def test_two_torchrun_agents_form_one_job(tmp_path, data_root):
     assert [(r["world_size"], r["test/samples"]) for r in ep] == [(2, 999)]
 
 
+@pytest.mark.processes
 def test_accelerate_launch_on_cpu_follows_mixed_precision(tmp_path, data_root):
     # --multi_gpu starts the processes with torchrun, also without GPUs (--cpu would start only one)
     accelerate = [
@@ -637,6 +641,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.processes
 def test_losing_a_node_keeps_the_run(tmp_path, data_root):
     """Elastic: two agents (torchrun --nnodes=1:2 --max-restarts=3, c10d rendezvous), one process each. The
     second agent and its worker are SIGKILLed mid-epoch: the first agent's worker restarts alone, resumes from

@@ -51,6 +51,7 @@ def write_lock(path, host: str, pid: int, start: str | None = "1", age_s: float 
     return text
 
 
+@pytest.mark.processes
 def test_a_live_holder_is_refused_at_once_or_waited_for_saying_who_and_since_when(tmp_path):
     """The holder releases only once the waiter has said who it waits for three times (no race with a clock)."""
     path = tmp_path / "lk"
@@ -80,6 +81,7 @@ def test_a_live_holder_is_refused_at_once_or_waited_for_saying_who_and_since_whe
         holder.wait()
 
 
+@pytest.mark.processes
 def test_a_sigkilled_or_reused_holder_on_this_host_is_broken_at_once(tmp_path):
     path = tmp_path / "lk"
     holder = hold(path)

@@ -73,6 +73,7 @@ def worker_pid(tag: str, rank: int, timeout: float = 60) -> int:
     raise AssertionError(f"no rank {rank} process found")
 
 
+@pytest.mark.processes
 def test_sigkilled_rank_restarts_and_matches_uninterrupted(tmp_path, data_root, reference):
     """No run.name: the restarted workers find their first attempt's directory by torchrun's run id. Rank 1
     is held after the step-4 checkpoint (mid-epoch 0, of 8 steps) until it is killed (tests/held.py)."""
@@ -98,6 +99,7 @@ def preempted_at(out: str) -> int:
     return int(out.split("checkpoint saved at step ")[1].split(";")[0])
 
 
+@pytest.mark.processes
 def test_signals_checkpoint_exit_cleanly_and_restarts_match(tmp_path, data_root, reference):
     """SIGUSR1 to one rank, then Ctrl-C (SIGINT) to the torchrun agent (which forwards it to the workers in
     their own sessions), then a restart to the end. Each run is held until its signal has come (tests/held.py):
@@ -137,6 +139,7 @@ def test_signals_checkpoint_exit_cleanly_and_restarts_match(tmp_path, data_root,
     assert_same_metrics(read_metrics(tmp_path / "u"), read_metrics(reference))
 
 
+@pytest.mark.processes
 def test_resume_on_another_world_size_keeps_the_global_batch(tmp_path, data_root, reference):
     """The 2-rank reference's checkpoint after epoch 0, resumed by one process (in this one): the same global
     batch, so the same steps per epoch."""
@@ -179,6 +182,7 @@ def test_truncated_newest_checkpoint_falls_back_and_another_model_is_refused(tmp
     assert [r["epoch"] for r in epochs(read_metrics(tmp_path / "t"))] == [0, 1]
 
 
+@pytest.mark.processes
 def test_killed_peer_makes_the_survivor_fail_within_the_timeout(tmp_path, data_root):
     """Two processes started by hand; rank 1 is held after its first step until it is killed (tests/held.py)."""
     port, held = free_port(), tmp_path / "held"

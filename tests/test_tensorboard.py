@@ -3,10 +3,13 @@ own reader; a run killed after a checkpoint and resumed shows every step once.""
 
 import signal
 
+import pytest
+
 from .held import marker
 from .helpers import HELD, PY, epochs, hold, launch, read_metrics, run, small_run, wait_for
 
 
+@pytest.mark.processes
 def test_scalars_and_confusion_matrices_continue_across_a_kill_without_duplicates(tmp_path, data_root):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

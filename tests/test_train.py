@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from resnet_dist import checkpoint
@@ -38,6 +39,7 @@ def check_run(run_path, world_size, n_epochs=2, test_samples=999):
     return ep
 
 
+@pytest.mark.processes
 def test_single_process_run(tmp_path, data_root):
     proc = run([PY, "-m", "resnet_dist.train", *small_run(data_root, tmp_path, "one")])
     assert proc.returncode == 0, proc.stderr
@@ -51,6 +53,7 @@ def test_single_process_run(tmp_path, data_root):
     assert ep[-1]["step"] == 2 * 512 // 64
 
 
+@pytest.mark.processes
 def test_torchrun_two_ranks(tmp_path, data_root):
     proc = run(torchrun(2) + small_run(data_root, tmp_path, "two"))
     assert proc.returncode == 0, proc.stderr
@@ -66,6 +69,7 @@ def test_torchrun_two_ranks(tmp_path, data_root):
     ]
 
 
+@pytest.mark.processes
 def test_fast_path_options_train_under_torchrun(tmp_path, data_root):
     """EMA, flip TTA, a small DDP bucket and the bf16 gradient-compression hook, with 2 gloo ranks."""
     proc = run(
@@ -103,6 +107,7 @@ def test_fast_path_options_train_under_torchrun(tmp_path, data_root):
         assert evaluated[k] == ep[0][k], k
 
 
+@pytest.mark.processes
 def test_progress_bar_on_a_terminal(tmp_path, data_root):
     import os
     import pty
@@ -179,6 +184,7 @@ def test_deterministic_runs_repeat_exactly_with_accumulation(tmp_path, data_root
     assert records[0] == records[1] and len(records[0]) == 4  # steps 3, 6, 8 and the epoch
 
 
+@pytest.mark.processes
 def test_sync_bn_on_cpu_ranks_is_one_line(tmp_path, data_root):
     proc = run(torchrun(2) + small_run(data_root, tmp_path, "s", "model.sync_bn=true"), timeout=120)
     assert proc.returncode != 0

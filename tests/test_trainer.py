@@ -200,6 +200,7 @@ def _gradient_ops_of_a_ddp_step(env, data_root, run_dir):
     return ops["aten::div_"], len(list(trainer.model.parameters()))
 
 
+@pytest.mark.processes
 def test_ddp_gradients_are_zeroed_in_place(tmp_path, data_root):
     """Zeroed in place (not set to None), the gradients stay views of DDP's buckets: the reducer averages
     each one there (a div_ per gradient) instead of multiplying it into a new tensor and copying it back."""
@@ -283,6 +284,7 @@ def _fit_with_a_signal_on_rank_1(env, run_dir):
     return trainer.fit(), trainer.global_step
 
 
+@pytest.mark.processes
 def test_a_signal_on_one_rank_stops_both_at_the_same_step(tmp_path):
     """The agreement in a real 2-rank gloo group: raised on rank 1 at step 2, read one step later by both."""
     assert in_gloo_group(_fit_with_a_signal_on_rank_1, 2, tmp_path) == [(Outcome.PREEMPTED, 3)] * 2
@@ -341,6 +343,7 @@ def _one_step_on_my_half(env, x, y):
     return {k: v.numpy().copy() for k, v in trainer.model.state_dict().items()}  # by value through the queue
 
 
+@pytest.mark.processes
 def test_accumulation_equals_ranks():
     """One optimizer step of 1 rank with accum_steps=2 = 2 gloo ranks on the same two micro-batches."""
     data = synthetic(n_train=16)
@@ -453,6 +456,7 @@ def _interval_figures(env, slow_rank, delay_s):
     return [r for r in log.records if r["kind"] == "step"]
 
 
+@pytest.mark.processes
 def test_a_slow_rank_shows_in_the_straggler_ratio():
     """Each interval gathers every rank's own forward time in the interval's one collective: rank 1, slowed by
     0.3 s a step, is the slowest by far; the all-reduce would hide it from wall times."""
