@@ -510,7 +510,10 @@ def test_fp16_skipped_step_leaves_no_trace_and_every_logger_sees_it(tmp_path, mo
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run_dir = tmp_path / "s"
     run_dir.mkdir()
-    cfg = load_config(None, [f"run.dir={tmp_path}", *FP16, "log.wandb.mode=offline"], world_size=1)
+    # one epoch of 4 steps: a backward in real fp16 takes over a second on a CPU
+    cfg = load_config(
+        None, [f"run.dir={tmp_path}", *FP16, "log.wandb.mode=offline", "train.epochs=1"], world_size=1
+    )
     wb = wandb_logger.start(cfg, run_dir, "s")
     rec = Recorder()
     logger = MultiLogger(
@@ -524,31 +527,22 @@ def test_fp16_skipped_step_leaves_no_trace_and_every_logger_sees_it(tmp_path, mo
     logger.close()
     assert not [w for w in caught if "lr_scheduler" in str(w.message)]
     steps = [r for r in rec.records if r["kind"] == "step"]
-    assert [r["amp/skipped"] for r in steps] == [0, 1, 0, 0, 0, 0, 0, 0]
+    assert [r["amp/skipped"] for r in steps] == [0, 1, 0, 0]
     assert [r["amp/scale"] for r in steps[:3]] == [64.0, 32.0, 32.0]  # halved by the overflow
     assert steps[1]["train/loss"] is None and all(r["train/loss"] > 0 for r in steps if r is not steps[1])
-    assert trainer.amp.skipped_total == 1 and "fp16: 1 of 8 steps skipped" in trainer.amp.summary(8)
+    assert trainer.amp.skipped_total == 1 and "fp16: 1 of 4 steps skipped" in trainer.amp.summary(4)
     assert all(t.isfinite().all() for t in trainer.model.state_dict().values())
     assert all(t.isfinite().all() for t in trainer.ema.module.state_dict().values())
-    assert [r["amp/skipped"] for r in read_metrics(run_dir) if r["kind"] == "step"] == [
-        0,
-        1,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ]
+    assert [r["amp/skipped"] for r in read_metrics(run_dir) if r["kind"] == "step"] == [0, 1, 0, 0]
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
-    assert [e.value for e in acc.Scalars("amp/skipped")] == [0, 1, 0, 0, 0, 0, 0, 0]
-    assert [e.step for e in acc.Scalars("amp/scale")] == list(range(1, 9))
+    assert [e.value for e in acc.Scalars("amp/skipped")] == [0, 1, 0, 0]
+    assert [e.step for e in acc.Scalars("amp/scale")] == list(range(1, 5))
     assert 2 not in [e.step for e in acc.Scalars("train/loss")]  # not measured: not logged as a number
     by_step = {}
     for row in read_run(next((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))).history:
         by_step.setdefault(row["_step"], {}).update(row)
-    assert [by_step[s]["amp/skipped"] for s in range(1, 9)] == [0, 1, 0, 0, 0, 0, 0, 0]
+    assert [by_step[s]["amp/skipped"] for s in range(1, 5)] == [0, 1, 0, 0]
     assert by_step[2]["amp/scale"] == 32.0 and "train/loss" not in by_step[2]
 
 
