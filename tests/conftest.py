@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import PY, run, small_run
+from .helpers import call, small_run
 from .slurm_cluster import slurm_cluster  # noqa: F401  (a session fixture of the SLURM tests)
 
 
@@ -23,10 +23,13 @@ def data_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, data_root) -> Path:
     """One epoch, one process, W&B off: a run directory with its checkpoint, metrics.jsonl and PNGs,
-    trained once for every test that only reads a finished run."""
+    trained once (in this process: `python -m resnet_dist.train`'s main) for every test that only reads a
+    finished run."""
+    from resnet_dist import train
+
     base = tmp_path_factory.mktemp("trained")
-    proc = run([PY, "-m", "resnet_dist.train", *small_run(data_root, base, "t", "train.epochs=1")])
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = call(train.main, *small_run(data_root, base, "t", "train.epochs=1"))
+    assert code == 0, err
     return base / "t"
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,14 +26,16 @@ def free_port() -> int:
 
 
 def clean_env(**extra) -> dict:
-    """The environment of a launched job: no inherited launcher variables, W&B off unless asked, 1 thread."""
+    """The environment of a launched job: no inherited launcher variables, W&B off unless asked, 1 thread, this
+    interpreter."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("SLURM_", "TORCHELASTIC_", "ACCELERATE_", "WANDB_"))
         and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
     }
-    env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    # PYTHON: the launch scripts run this interpreter (not whatever .venv or python3 the checkout has)
+    env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHON": PY})
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -78,6 +83,40 @@ def small_run(data_root: Path, run_dir: Path, name: str, *overrides: str) -> lis
         "data.eval_batch_size=256",
         *overrides,
     ]
+
+
+HELD = [PY, "-m", "tests.held"]  # `python -m resnet_dist.train` held at a known point (tests/held.py)
+
+
+def hold(folder: Path, *points: str, rank: int | None = 0, only_if: str = "", site: bool = False) -> dict:
+    """The environment of a run started as HELD (or torchrun(module="tests.held")) that holds at each of
+    `points` ("step 3 until signal", "stop"), on rank `rank` (None: every rank), in a process whose environment
+    has `only_if` (NAME=VALUE); `marker(folder, point)` appears once it does. site: for runs that a launch
+    script or SLURM starts as `-m resnet_dist.train` (tests/hold_site on PYTHONPATH). See tests/held.py."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {"HOLD_DIR": folder, "HOLD": ", ".join(points), "HOLD_RANK": "" if rank is None else rank}
+    if only_if:
+        env["HOLD_IF"] = only_if
+    if site:
+        env["PYTHONPATH"] = REPO / "tests" / "hold_site"
+    return env
+
+
+def launch(cmd: list[str], **env) -> subprocess.Popen:
+    """A process the test talks to (signals, kills) while it runs: text pipes for its stdout and stderr."""
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(path: Path, *procs: subprocess.Popen, timeout: float = 180) -> None:
+    """Until `path` exists (a held run's marker, a checkpoint), while every one of `procs` is still running."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        for proc in procs:
+            assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
 
 
 def run(cmd: list[str], timeout: float = 300, **env) -> subprocess.CompletedProcess:
@@ -166,6 +205,37 @@ def tmpfs(path: Path, options: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def call(main, *argv: str, **env) -> tuple[int, str, str]:
+    """`main(argv)` of an entry point in this process, as a launched job would run it: os.environ as
+    clean_env(**env) makes it; the environment, the signal handlers and torch's determinism switches put back
+    afterwards. (exit code, stdout, stderr)."""
+    import torch
+
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    environ = dict(os.environ)
+    switches = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
+    fresh = clean_env(**env)
+    os.environ.clear()
+    os.environ.update(fresh)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = exit_code(main, list(argv))
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        torch.use_deterministic_algorithms(switches[0], warn_only=switches[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = switches[2:]
+    return code, out.getvalue(), err.getvalue()
 
 
 def exit_code(main, *args) -> int:

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from .helpers import PY, run, torchrun
+from resnet_dist import bench
+
+from .helpers import call, run, torchrun
 
 SHORT = [
     "--steps",
@@ -33,27 +35,16 @@ def check(result: dict, mode: str, world: int):
 
 @pytest.mark.parametrize("mode", ["trainer", "bare", "torchvision"])
 def test_bench_single_process(tmp_path, data_root, mode):
+    """`python -m resnet_dist.bench` in this process."""
     out = tmp_path / "b.json"
-    proc = run(
-        [
-            PY,
-            "-m",
-            "resnet_dist.bench",
-            "--mode",
-            mode,
-            "--workers",
-            "1",
-            "--out",
-            str(out),
-            *SHORT,
-            f"data.root={data_root}",
-        ]
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "images/s total" in proc.stdout and "step ms: all-reduce wait" in proc.stdout
+    args = ["--mode", mode, "--workers", "1", "--out", str(out), *SHORT, f"data.root={data_root}"]
+    code, printed, err = call(bench.main, *args)
+    assert code == 0, err
+    assert "images/s total" in printed and "step ms: all-reduce wait" in printed
     check(json.loads(out.read_text()), mode, 1)
 
 
+@pytest.mark.processes
 def test_bench_two_ranks_reports_allreduce_wait_and_stragglers(tmp_path, data_root):
     out = tmp_path / "b.json"
     proc = run(
@@ -67,10 +58,10 @@ def test_bench_two_ranks_reports_allreduce_wait_and_stragglers(tmp_path, data_ro
 
 
 def test_bench_bad_arguments_exit_2(tmp_path):
-    proc = run([PY, "-m", "resnet_dist.bench", "--steps", "0", "--out", str(tmp_path / "b.json")])
-    assert proc.returncode == 2 and not (tmp_path / "b.json").exists()
-    proc = run([PY, "-m", "resnet_dist.bench", "train.lr=-1", "--out", str(tmp_path / "b.json")])
-    assert proc.returncode == 2 and "train.lr" in proc.stderr
+    code, _, _ = call(bench.main, "--steps", "0", "--out", str(tmp_path / "b.json"))
+    assert code == 2 and not (tmp_path / "b.json").exists()
+    code, _, err = call(bench.main, "train.lr=-1", "--out", str(tmp_path / "b.json"))
+    assert code == 2 and "train.lr" in err
 
 
 @pytest.mark.parametrize(
@@ -104,8 +95,6 @@ def test_matmul_ceiling_is_measured():
 
 def test_sweep_of_per_gpu_batches_in_one_process(tmp_path, data_root, capsys):
     """--batches: the trainer at each per-GPU batch, eager and as configured (on a CPU, eager both times)."""
-    from resnet_dist import bench
-
     out = tmp_path / "s.json"
     assert bench.main(["--batches", "8,16", "--out", str(out), *SHORT, f"data.root={data_root}"]) == 0
     runs = json.loads(out.read_text())["sweep"]

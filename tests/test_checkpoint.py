@@ -1,8 +1,8 @@
 """checkpoint.py: atomic files a kill cannot tear, and loading that never runs code."""
 
+import multiprocessing as mp
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from resnet_dist import checkpoint
-
-from .helpers import PY, REPO, clean_env
 
 
 class Evil:
@@ -30,36 +28,40 @@ def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-KILLER = """
-import sys, torch
-from pathlib import Path
-from resnet_dist import checkpoint
-state = checkpoint.load(Path(sys.argv[2]))  # a real one: ~45 MB, each save takes a while
-step = 0
-while True:
-    step += 1
-    state["progress"]["global_step"] = step
-    checkpoint.save(state, Path(sys.argv[1]), step, keep=3)
-    print(step, flush=True)
-"""
+def _save_forever(state: dict, folder: Path, out_fd: int) -> None:
+    """In a forked process: `state` saved under ever higher steps, each step written to out_fd once saved."""
+    step = 0
+    while True:
+        step += 1
+        state["progress"]["global_step"] = step
+        checkpoint.save(state, folder, step, keep=3)
+        os.write(out_fd, f"{step}\n".encode())
 
 
+@pytest.mark.processes
 def test_kill_during_save_never_leaves_a_partial_file(tmp_path, trained):
+    """Processes forked from this one (the checkpoint already loaded), SIGKILLed while they save."""
     ck = tmp_path / "ck"
-    real = trained / "checkpoints" / "last.pt"
+    state = checkpoint.load(
+        trained / "checkpoints" / "last.pt"
+    )  # a real one: ~45 MB, each save takes a while
+    keys = state["model"].keys()
+    fork = mp.get_context("fork")
     for delay in (0.0, 0.02, 0.05, 0.1):  # 45 MB saves take ~0.1-0.5 s: kills land mid-write
-        proc = subprocess.Popen(
-            [PY, "-c", KILLER, str(ck), str(real)], cwd=REPO, env=clean_env(), stdout=subprocess.PIPE
-        )
-        proc.stdout.readline()  # one save done, the next under way
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        read, write = os.pipe()
+        proc = fork.Process(target=_save_forever, args=(state, ck, write))
+        proc.start()
+        os.close(write)
+        with os.fdopen(read) as saved:
+            assert saved.readline()  # one save done, the next under way
+            time.sleep(delay)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join()
         names = [p.name for p in ck.iterdir()]
         assert "last.pt" in names and any(n.startswith("step-") for n in names)
         for name in names:
             if name.endswith(".pt"):  # every file under a checkpoint name loads completely
-                assert checkpoint.load(ck / name)["model"].keys() == checkpoint.load(real)["model"].keys()
+                assert checkpoint.load(ck / name)["model"].keys() == keys
         newest = checkpoint.load_newest(ck)
         assert newest is not None and newest[1].name.startswith("step-")
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from resnet_dist import config, configfile
+from resnet_dist import config, configfile, train
 from resnet_dist.config import ConfigError
 
-from .helpers import PY, REPO, clean_env, exit_code
+from .helpers import PY, REPO, call, clean_env, exit_code
 
 
 def test_defaults_are_the_original_recipe_numbers():
@@ -123,53 +123,33 @@ def test_seed_config_is_the_original_recipe():
 
 
 def test_cli_usage_error_exits_2_with_one_line_and_no_run_dir(tmp_path):
-    proc = subprocess.run(
-        [PY, "-m", "resnet_dist.train", f"run.dir={tmp_path / 'runs'}", "train.precision=fp8"],
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "train.precision" in proc.stderr
+    code, _, err = call(train.main, f"run.dir={tmp_path / 'runs'}", "train.precision=fp8")
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "train.precision" in err
     assert not (tmp_path / "runs").exists()
 
 
 def test_cli_batch_not_divisible_under_a_launcher_env_exits_2(tmp_path):
-    env = clean_env(WORLD_SIZE=3, RANK=0, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=1)
-    proc = subprocess.run(
-        [PY, "-m", "resnet_dist.train", f"run.dir={tmp_path / 'runs'}", "train.batch_size=256"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and "divisible" in proc.stderr
+    env = dict(WORLD_SIZE=3, RANK=0, LOCAL_RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=1)
+    code, _, err = call(train.main, f"run.dir={tmp_path / 'runs'}", "train.batch_size=256", **env)
+    assert code == 2 and "divisible" in err
     assert not (tmp_path / "runs").exists()
 
 
 def test_print_config_exits_0_without_training(tmp_path):
-    proc = subprocess.run(
-        [PY, "-m", "resnet_dist.train", "--print-config", "train.lr=0.2", f"run.dir={tmp_path / 'runs'}"],
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0
-    assert yaml.safe_load(proc.stdout)["train"]["lr"] == 0.2
+    code, out, _ = call(train.main, "--print-config", "train.lr=0.2", f"run.dir={tmp_path / 'runs'}")
+    assert code == 0
+    assert yaml.safe_load(out)["train"]["lr"] == 0.2
     assert not (tmp_path / "runs").exists()
     # every key with its doc beside it, and its allowed values where the doc does not name them
-    lines = proc.stdout.splitlines()
+    lines = out.splitlines()
     assert any(x.startswith("  lr: 0.2 ") and x.endswith("# peak learning rate") for x in lines)
     assert any(x.startswith("  cuda_graphs: auto ") and "(auto | on | off)" not in x for x in lines)
     assert any(x.startswith("  grad_compression: none") and "bf16" in x for x in lines)
     assert sum("#" in x for x in lines) == len(config.flat(config.Config().to_dict()))
 
 
+@pytest.mark.processes
 def test_the_entry_points_are_console_scripts_too(tmp_path):
     """pip install makes resnet-dist-train and friends (pyproject.toml [project.scripts]), beside python -m."""
     bin_dir = Path(PY).parent

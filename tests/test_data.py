@@ -71,6 +71,7 @@ def _prepare_worker(root, mirror, barrier, out):
         out.put(f"error {e}")
 
 
+@pytest.mark.processes
 def test_concurrent_prepare_leaves_one_intact_copy(tmp_path):
     mirror = _mirror_with(tmp_path, corrupt=False)
     ctx = mp.get_context("fork")
@@ -119,6 +120,7 @@ fashion_mnist.prepare(sys.argv[1], sys.argv[2])
 """
 
 
+@pytest.mark.processes
 def test_a_signal_while_preparing_keeps_nothing_and_the_next_preparation_clears_a_killed_ones_files(tmp_path):
     mirror, root = _mirror_with(tmp_path, corrupt=False), tmp_path / "root"
     folder = root / "FashionMNIST"

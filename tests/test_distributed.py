@@ -89,6 +89,7 @@ def test_no_launcher():
     assert launchenv.detect({})["world_size"] == 1
 
 
+@pytest.mark.processes
 def test_self_test_all_reduces_correctly_in_a_real_group():
     proc = run(torchrun(3, module="resnet_dist.selftest"))
     assert proc.returncode == 0, proc.stderr
@@ -145,6 +146,7 @@ def _agreement(env):
     return found
 
 
+@pytest.mark.processes
 def test_preemption_agreement_and_rank0_state_in_a_real_group():
     got = in_gloo_group(_agreement, 2)
     for rank in (0, 1):

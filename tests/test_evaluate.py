@@ -2,6 +2,7 @@
 on a trained checkpoint."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,12 +13,11 @@ from resnet_dist.evaluate import CLASS_KEYS, Evaluator
 from resnet_dist.fashion_mnist import load_split
 from resnet_dist.model import build_model
 
-from .helpers import PY, epochs, exit_code, in_gloo_group, read_metrics, run, torchrun
+from .helpers import call, epochs, exit_code, in_gloo_group, read_metrics, run, torchrun
+from .test_trainer import CPU_ENV
 
 
 def evaluate_cmd(nproc: int) -> list[str]:
-    if nproc == 1:
-        return [PY, "-m", "resnet_dist.evaluate"]
     return torchrun(nproc, module="resnet_dist.evaluate")
 
 
@@ -25,15 +25,18 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.processes
 def test_same_accuracy_on_1_and_3_ranks(trained, data_root, tmp_path):
-    ckpt = trained / "checkpoints" / "last.pt"
-    one = run(evaluate_cmd(1) + ["--checkpoint", str(ckpt), f"data.root={data_root}"])
-    assert one.returncode == 0, one.stderr
-    three = run(
-        evaluate_cmd(3) + ["--checkpoint", str(ckpt), "--out", str(tmp_path), f"data.root={data_root}"]
-    )
+    """One process (this one) and torchrun's three."""
+    ckpt = tmp_path / "ck" / "last.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(trained / "checkpoints" / "last.pt", ckpt)
+    code, one, err = call(evaluate.main, "--checkpoint", str(ckpt), f"data.root={data_root}")
+    assert code == 0, err
+    out = tmp_path / "out"
+    three = run(evaluate_cmd(3) + ["--checkpoint", str(ckpt), "--out", str(out), f"data.root={data_root}"])
     assert three.returncode == 0, three.stderr
-    a, b = last_json(one.stdout), last_json(three.stdout)
+    a, b = last_json(one), last_json(three.stdout)
     assert (a["world_size"], b["world_size"]) == (1, 3)
     assert {"test/acc", "test/loss", "test/samples", *(f"test/acc/{c}" for c in CLASS_KEYS)} <= a.keys()
     assert a["test/samples"] == b["test/samples"] == 999  # the checkpoint's data.test_subset
@@ -42,28 +45,27 @@ def test_same_accuracy_on_1_and_3_ranks(trained, data_root, tmp_path):
     assert abs(a["test/loss"] - b["test/loss"]) < 1e-6
     (ep,) = epochs(read_metrics(trained))
     assert a["test/acc"] == ep["test/acc"]  # the same number training logged for this checkpoint
-    assert "per-class accuracy" in one.stdout and "confusion matrix" in one.stdout
+    assert "per-class accuracy" in one and "confusion matrix" in one
     assert three.stdout.count("per-class accuracy") == 1  # only rank 0 speaks
 
     saved = json.loads((ckpt.parent / "last.eval.json").read_text())  # default: next to the checkpoint
     assert saved["test/acc"] == a["test/acc"] and sum(map(sum, saved["confusion"])) == 999
-    assert (ckpt.parent / "last.confusion.png").is_file() and (tmp_path / "last.confusion.png").is_file()
-    assert json.loads((tmp_path / "last.eval.json").read_text())["confusion"] == saved["confusion"]
+    assert (ckpt.parent / "last.confusion.png").is_file() and (out / "last.confusion.png").is_file()
+    assert json.loads((out / "last.eval.json").read_text())["confusion"] == saved["confusion"]
 
 
-def test_overrides_apply(trained, data_root):
-    proc = run(
-        evaluate_cmd(1)
-        + [
-            "--checkpoint",
-            str(trained / "checkpoints" / "last.pt"),
-            f"data.root={data_root}",
-            "data.test_subset=300",
-            "data.eval_batch_size=64",
-        ]
-    )
-    assert proc.returncode == 0, proc.stderr
-    result = last_json(proc.stdout)
+def test_overrides_apply(trained, data_root, tmp_path):
+    ckpt = str(trained / "checkpoints" / "last.pt")
+    args = [
+        "--out",
+        str(tmp_path),
+        f"data.root={data_root}",
+        "data.test_subset=300",
+        "data.eval_batch_size=64",
+    ]
+    code, out, err = call(evaluate.main, "--checkpoint", ckpt, *args)
+    assert code == 0, err
+    result = last_json(out)
     assert result["test/samples"] == 300
     # what the command changed, as applied, is part of the result
     assert result["overrides"] == {
@@ -114,9 +116,9 @@ def test_usage_errors_exit_2_with_one_line(trained, args, words):
         )
         for a in args
     ]
-    proc = run(evaluate_cmd(1) + args, timeout=60)
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr, proc.stderr
+    code, _, err = call(evaluate.main, *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and words in err, err
 
 
 N_TEST = 1001  # divides by neither 2 nor 3: shards have unequal sizes
@@ -134,9 +136,11 @@ def _evaluate_in_group(env, raw):
     return evaluator.evaluate(model, x, y, env)
 
 
+@pytest.mark.processes
 def test_evaluation_is_identical_for_1_2_and_3_ranks(data_root):
     raw = data_root / "FashionMNIST" / "raw"
-    by_world = {w: in_gloo_group(_evaluate_in_group, w, raw) for w in (1, 2, 3)}
+    by_world = {w: in_gloo_group(_evaluate_in_group, w, raw) for w in (2, 3)}
+    by_world[1] = [_evaluate_in_group(CPU_ENV, raw)]  # one process: this one, no process group
     ref = by_world[1][0]
     assert ref["test/samples"] == N_TEST
     assert sum(map(sum, ref["confusion"])) == N_TEST

@@ -21,7 +21,7 @@ from resnet_dist.evaluate import Evaluator, checkpoint_config, load_model
 from resnet_dist.fashion_mnist import CLASSES, MEAN, STD, load_split, prepare
 from resnet_dist.model import build_model
 
-from .helpers import PY, epochs, exit_code, read_metrics, run, small_run
+from .helpers import PY, call, epochs, exit_code, read_metrics, run, small_run
 from .wandb_reader import read_run, wandb_files
 
 CPU = torch.device("cpu")
@@ -222,6 +222,7 @@ def test_export_usage_errors_exit_2_with_one_line(trained, tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.processes
 def test_without_onnx_the_safetensors_export_still_works(trained, exported, tmp_path):
     from safetensors.torch import load_file
 
@@ -378,12 +379,12 @@ def test_wandb_model_artifact_offline(data_root, tmp_path):
         k: str(tmp_path / k.lower()) for k in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")
     }
     overrides = small_run(data_root, tmp_path, "wbm", "train.epochs=1", "data.train_subset=128")
-    proc = run(
-        [PY, "-m", "resnet_dist.train", *overrides, "log.wandb.log_model=true"],
-        WANDB_MODE="offline",
-        **wandb_home,
+    from resnet_dist import train
+
+    code, out, err = call(
+        train.main, *overrides, "log.wandb.log_model=true", WANDB_MODE="offline", **wandb_home
     )
-    assert proc.returncode == 0, proc.stderr
+    assert code == 0, err
     run_dir = tmp_path / "wbm"
     exp = run_dir / "export"
     assert sorted(p.name for p in exp.iterdir()) == ["model.json", "model.safetensors"]
@@ -401,7 +402,7 @@ def test_wandb_model_artifact_offline(data_root, tmp_path):
     for name, entry in art["files"].items():
         assert entry["size"] == (exp / name).stat().st_size and entry["digest"] == md5_b64(exp / name)
         assert md5_b64(Path(entry["local_path"])) == entry["digest"]  # the staged copy `wandb sync` sends
-    assert f"wandb: logged the model artifact model-{wb.id}" in proc.stdout and wb.exit_code == 0
+    assert f"wandb: logged the model artifact model-{wb.id}" in out and wb.exit_code == 0
 
 
 def test_out_that_is_a_file_exits_2_and_the_file_stays(trained, tmp_path, capsys):
@@ -528,15 +529,6 @@ def test_every_image_mode_predicts_as_its_8_bit_original(trained, data_root, tmp
         assert torch.equal(a, torch.from_numpy(images[3]).unsqueeze(0)), name
 
 
-PILLOW_LIMIT = """
-import runpy, sys
-from PIL import Image
-Image.MAX_IMAGE_PIXELS = 2000  # a 50x50 image is then a possible decompression bomb: a warning, not an error
-sys.argv = sys.argv[1:]
-runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-"""
-
-
 def corrupt_exif() -> bytes:
     """An EXIF block whose directory claims 3 entries and holds 1: Pillow warns "Corrupt EXIF data"."""
     import struct
@@ -545,20 +537,22 @@ def corrupt_exif() -> bytes:
     return b"Exif\x00\x00MM\x00\x2a" + struct.pack(">IH", 8, 3) + entry + struct.pack(">I", 0)
 
 
-def test_pillow_warnings_are_one_line_per_image(trained, data_root, tmp_path):
+def test_pillow_warnings_are_one_line_per_image(trained, data_root, tmp_path, monkeypatch):
     from PIL import Image
+
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 2000
+    )  # a 50x50 image is then a possible decompression bomb
 
     g = load_split(prepare(str(data_root)), "test", 1)[0][0, 0].numpy()
     Image.fromarray(g).resize((50, 50)).save(tmp_path / "a_big.png")
     Image.fromarray(g).save(tmp_path / "b_exif.jpg", exif=corrupt_exif())
     Image.fromarray(g).save(tmp_path / "c_exif.png", exif=corrupt_exif())
     Image.fromarray(g).save(tmp_path / "d_plain.png")
-    proc = run(
-        [PY, "-c", PILLOW_LIMIT, "resnet_dist.predict", "--model", str(ckpt_of(trained)), str(tmp_path)]
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert len(proc.stdout.strip().splitlines()) == 4  # every image predicted
-    assert proc.stderr.strip().splitlines() == [
+    code, out, err = call(predict.main, "--model", str(ckpt_of(trained)), str(tmp_path))
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 4  # every image predicted
+    assert err.strip().splitlines() == [
         f"warning: {tmp_path / 'a_big.png'}: Image size (2500 pixels) exceeds limit of 2000 pixels, could be "
         "decompression bomb DOS attack.",
         f"warning: {tmp_path / 'b_exif.jpg'}: Corrupt EXIF data. Expecting to read 12 bytes but only got 4.",
@@ -672,36 +666,41 @@ def test_an_export_set_aside_by_a_killed_swap_is_put_back(tmp_path):
     assert (out / "model.json").read_text() == "the previous export"
 
 
-def test_sigkill_during_the_onnx_verification_keeps_the_previous_export(trained, exported, tmp_path, capsys):
+# `python -m resnet_dist.export ARGS` held in the verification of its new model.onnx (written, not yet moved
+# into place) until it is killed: the file argv[1] says it is there.
+HELD_IN_VERIFICATION = """
+import pathlib, sys, time
+from resnet_dist import export
+def held(*args, **kwargs):
+    pathlib.Path(sys.argv[1]).touch()
+    time.sleep(300)
+export.verify = held
+sys.exit(export.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.processes
+def test_sigkill_during_the_onnx_verification_keeps_the_previous_export(
+    trained, exported, tmp_path, tmp_path_factory, capsys
+):
     """A real export killed (SIGKILL) while it verifies its new model.onnx: the previous export, model.onnx
     included, is untouched and loads; the next export removes the killed one's folder."""
     import signal
-    import subprocess
-    import time
 
     import onnxruntime as ort
 
-    from .helpers import REPO, clean_env
+    from .helpers import launch, wait_for
 
     previous, _ = exported
     out = tmp_path / "export"
     shutil.copytree(previous, out)
     before = listing(out)
     args = ["--checkpoint", str(ckpt_of(trained)), "--out", str(out)]
-    proc = subprocess.Popen(
-        [PY, "-m", "resnet_dist.export", *args, "data.test_subset=3000"],  # a long verification to land in
-        cwd=REPO,
-        env=clean_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    held = tmp_path_factory.mktemp("held") / "verifying"  # not beside the export: the test lists that folder
+    proc = launch([PY, "-c", HELD_IN_VERIFICATION, str(held), *args])
     staging = tmp_path / f".export.export-{os.uname().nodename}-{proc.pid}"
-    deadline, sizes = time.time() + 240, []
-    while len(sizes) < 3 or sizes[-1] != sizes[-3] or sizes[-1] < 40e6:  # the new model.onnx, complete
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        sizes.append(sum(p.stat().st_size for p in staging.glob("*model.onnx")) if staging.is_dir() else 0)
-        time.sleep(0.1)
-    time.sleep(0.5)  # into the verification
+    wait_for(held, proc)
+    assert (staging / "model.onnx").stat().st_size > 40e6  # the new model.onnx, complete
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert staging.is_dir()  # killed before the swap

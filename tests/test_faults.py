@@ -4,7 +4,6 @@ a busy port, a peer that never comes. Each ends in one line on stderr and the ri
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import socket
@@ -16,51 +15,37 @@ import pytest
 import torch
 import yaml
 
-from resnet_dist import checkpoint, train
+from resnet_dist import checkpoint, evaluate, train
 
-from .helpers import PY, REPO, clean_env, epochs, free_port, read_metrics, run, small_run, tmpfs
+from .held import marker
+from .helpers import (
+    HELD,
+    PY,
+    call,
+    epochs,
+    free_port,
+    hold,
+    launch,
+    read_metrics,
+    run,
+    small_run,
+    tmpfs,
+    wait_for,
+)
 
 TRAIN = [PY, "-m", "resnet_dist.train"]
 
 
-def one_line(proc) -> str:
+def one_line(stderr: str) -> str:
     """The single line a failing command printed on stderr (and no traceback)."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     return lines[0]
 
 
-def launch(cmd, **env):
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def wait_for(path: Path, proc, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
-@pytest.fixture
-def train_here(monkeypatch, capsys):
-    """`python -m resnet_dist.train ARGS` in this process (no launcher variables, W&B off): (code, out, err)."""
-    for k in os.environ.keys() - clean_env().keys():
-        monkeypatch.delenv(k)
-    for k, v in clean_env().items():
-        monkeypatch.setenv(k, v)
-
-    def train_main(*argv: str) -> tuple[int, str, str]:
-        try:
-            code = train.main(list(argv))
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return train_main
+def train_here(*argv: str) -> tuple[int, str, str]:
+    """`python -m resnet_dist.train ARGS` in this process (helpers.call): (code, stdout, stderr)."""
+    return call(train.main, *argv)
 
 
 def tree(folder: Path) -> list[str]:
@@ -68,13 +53,14 @@ def tree(folder: Path) -> list[str]:
 
 
 # ---- two runs, one directory ---------------------------------------------------------------------------
+@pytest.mark.processes
 def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_holder_blocks_nobody(tmp_path, data_root):
     args = small_run(data_root, tmp_path, "busy", "train.epochs=3", "log.every_steps=2")
-    first = launch(TRAIN + args)
-    wait_for(tmp_path / "busy" / "config.yaml", first)
+    first = launch(HELD + args, **hold(tmp_path / "held", "step 0"))  # held with the directory, until killed
+    wait_for(marker(tmp_path / "held", "step 0"), first)
     second = run(TRAIN + args, timeout=120)
     assert second.returncode == 2
-    line = one_line(second)
+    line = one_line(second.stderr)
     assert f"is in use by {socket.gethostname()} pid {first.pid}" in line and "run.name" in line
     first.send_signal(signal.SIGKILL)  # the holder dies without releasing anything
     first.communicate()
@@ -84,7 +70,7 @@ def test_a_second_run_in_a_busy_directory_is_refused_and_a_dead_holder_blocks_no
 
 
 def test_a_fresh_start_sets_the_earlier_run_aside_and_the_next_resume_continues_it(
-    tmp_path, data_root, train_here, monkeypatch
+    tmp_path, data_root, monkeypatch
 ):
     """Two epochs; then checkpoint.resume=never with another LR; then an automatic resume. The fresh start
     moves the first run's files into previous/<time>/: the resume continues the fresh run, metrics.jsonl is
@@ -137,20 +123,10 @@ def test_a_fresh_start_sets_the_earlier_run_aside_and_the_next_resume_continues_
 
 # ---- divergence ----------------------------------------------------------------------------------------
 def test_divergence_stops_with_one_line_and_writes_no_non_finite_checkpoint(tmp_path, data_root):
-    proc = run(
-        TRAIN
-        + small_run(
-            data_root,
-            tmp_path,
-            "nan",
-            "train.lr=1e6",
-            "log.every_steps=1",
-            "checkpoint.every_steps=1",
-            "data.train_subset=256",
-        )
-    )
-    assert proc.returncode == 1
-    line = one_line(proc)
+    args = ("train.lr=1e6", "log.every_steps=1", "checkpoint.every_steps=1", "data.train_subset=256")
+    code, _, err = train_here(*small_run(data_root, tmp_path, "nan", *args))
+    assert code == 1
+    line = one_line(err)
     assert line.startswith("error: training diverged at step ") and "train.lr (now 1e+06)" in line
     for path in (tmp_path / "nan" / "checkpoints").glob("*.pt"):  # the steps before it: finite, loadable
         assert checkpoint.finite(checkpoint.load(path))
@@ -161,10 +137,12 @@ def test_non_finite_checkpoint_is_refused_by_resume_and_evaluate(tmp_path, train
     state["model"]["0.0.weight"][0, 0, 0, 0] = float("nan")
     bad = tmp_path / "nan.pt"
     torch.save(state, bad)
-    proc = run([PY, "-m", "resnet_dist.evaluate", "--checkpoint", str(bad), f"data.root={data_root}"])
-    assert proc.returncode == 2 and "weights are not finite" in one_line(proc)
-    proc = run(TRAIN + small_run(data_root, tmp_path, "r", f"checkpoint.resume={bad}", "train.epochs=2"))
-    assert proc.returncode == 2 and "weights are not finite" in one_line(proc)
+    code, _, err = call(evaluate.main, "--checkpoint", str(bad), f"data.root={data_root}")
+    assert code == 2 and "weights are not finite" in one_line(err)
+    code, _, err = train_here(
+        *small_run(data_root, tmp_path, "r", f"checkpoint.resume={bad}", "train.epochs=2")
+    )
+    assert code == 2 and "weights are not finite" in one_line(err)
     assert not (tmp_path / "r").exists()  # not even an empty folder holding the lock
 
 
@@ -176,12 +154,14 @@ def test_resume_from_only_last_pt_with_a_changed_config(tmp_path, trained, data_
     shutil.copytree(trained, run_dir)
     for p in checkpoint.step_files(run_dir / "checkpoints"):
         p.unlink()
-    proc = run(TRAIN + small_run(data_root, tmp_path, "t", "train.epochs=2", "train.lr=0.1", "run.seed=3"))
-    assert proc.returncode == 0, proc.stderr
-    assert "resumed at step 8" in proc.stdout
-    assert "config: train.epochs 1 -> 2: applied" in proc.stdout
-    assert "config: train.lr 0.05 -> 0.1: applied" in proc.stdout
-    assert "config: run.seed 0 -> 3: kept: " in proc.stdout
+    code, out, err = train_here(
+        *small_run(data_root, tmp_path, "t", "train.epochs=2", "train.lr=0.1", "run.seed=3")
+    )
+    assert code == 0, err
+    assert "resumed at step 8" in out
+    assert "config: train.epochs 1 -> 2: applied" in out
+    assert "config: train.lr 0.05 -> 0.1: applied" in out
+    assert "config: run.seed 0 -> 3: kept: " in out
     assert [(r["epoch"], r["lr"]) for r in epochs(read_metrics(run_dir))] == [(0, 0.05), (1, 0.1)]
     written = yaml.safe_load((run_dir / "config.yaml").read_text())
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")["config"]
@@ -193,23 +173,23 @@ def test_a_resume_that_cannot_apply_a_change_or_load_a_checkpoint_stops(tmp_path
     run_dir = tmp_path / "t"
     shutil.copytree(trained, run_dir)
     before = (run_dir / "config.yaml").read_text()
-    proc = run(TRAIN + small_run(data_root, tmp_path, "t", "model.stem=cifar", "data.resize=32"))
-    assert proc.returncode == 2
-    assert "config: model.stem 'imagenet' -> 'cifar': refused" in proc.stdout
-    assert "cannot resume with a changed data.resize, model.stem" in one_line(proc)
+    code, out, err = train_here(*small_run(data_root, tmp_path, "t", "model.stem=cifar", "data.resize=32"))
+    assert code == 2
+    assert "config: model.stem 'imagenet' -> 'cifar': refused" in out
+    assert "cannot resume with a changed data.resize, model.stem" in one_line(err)
     assert (run_dir / "config.yaml").read_text() == before  # nothing rewritten
     # only damaged checkpoints: never a fresh start over them without checkpoint.resume=never
     for p in (run_dir / "checkpoints").glob("*.pt"):
         p.unlink()
     (run_dir / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
-    proc = run(TRAIN + small_run(data_root, tmp_path, "t", "train.epochs=2"))
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert "none of them loads" in lines[-1] and "checkpoint.resume=never" in lines[-1], proc.stderr
+    code, _, err = train_here(*small_run(data_root, tmp_path, "t", "train.epochs=2"))
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "none of them loads" in lines[-1] and "checkpoint.resume=never" in lines[-1], err
     assert (run_dir / "config.yaml").read_text() == before
 
 
-def test_a_refused_resume_leaves_no_run_directory(tmp_path, trained, data_root, train_here):
+def test_a_refused_resume_leaves_no_run_directory(tmp_path, trained, data_root):
     state = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)
     torch.save(state, tmp_path / "good.pt")
     state["model"]["0.0.weight"][0, 0, 0, 0] = float("nan")
@@ -236,14 +216,14 @@ def test_torn_metrics_lines(tmp_path, capsys):
 
 
 # ---- Ctrl-C -----------------------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_ctrl_c_saves_and_a_second_one_aborts_at_once(tmp_path, data_root):
-    args = TRAIN + small_run(data_root, tmp_path, "c", "train.epochs=3", "log.every_steps=1")
-    metrics = tmp_path / "c" / "metrics.jsonl"
-    proc = launch(args)
-    wait_for(metrics, proc)
-    while not metrics.read_text():  # training: its first step is logged
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+    """Ctrl-C saves at the next step and exits 0; resumed, a second Ctrl-C stops at once (130), before the
+    checkpoint the first one asked for. The runs are held where each signal must land (tests/held.py)."""
+    args = small_run(data_root, tmp_path, "c", "train.epochs=3", "log.every_steps=1")
+    ckpts = tmp_path / "c" / "checkpoints"
+    proc = launch(HELD + args, **hold(tmp_path / "first", "step 1 until signal"))
+    wait_for(marker(tmp_path / "first", "step 1"), proc)  # training: its first step done
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -251,24 +231,28 @@ def test_ctrl_c_saves_and_a_second_one_aborts_at_once(tmp_path, data_root):
         "interrupted: saving a checkpoint at the next step (Ctrl-C again to stop at once)"
     ]
     saved = int(out.split("preempted: checkpoint saved at step ")[1].split(";")[0])
-    assert checkpoint.load(tmp_path / "c" / "checkpoints" / "last.pt")["progress"]["global_step"] == saved
+    assert saved == 2 and checkpoint.load(ckpts / "last.pt")["progress"]["global_step"] == saved
 
-    proc = launch(args)
-    deadline = time.time() + 120
-    while max(r["step"] for r in read_metrics(tmp_path / "c")) <= saved:  # until the resumed run logs a step
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
+    held = tmp_path / "second"
+    proc = launch(HELD + args, **hold(held, f"step {saved + 1} until signal", "stop"))
+    wait_for(marker(held, f"step {saved + 1}"), proc)  # the resumed run trains
     proc.send_signal(signal.SIGINT)
-    assert proc.stderr.readline().startswith("interrupted: saving")  # the handler ran: the flag is up
+    wait_for(
+        marker(held, "stop"), proc
+    )  # the first Ctrl-C stopped the loop; its checkpoint is not written yet
+    before = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert [line for line in err.splitlines() if line.strip()] == [
-        "interrupted twice: stopping without a checkpoint"
+        "interrupted: saving a checkpoint at the next step (Ctrl-C again to stop at once)",
+        "interrupted twice: stopping without a checkpoint",
     ]
+    assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == before  # no checkpoint written
 
 
 # ---- the disk fills up -----------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, data_root):
     """2 ranks; a 70 MB tmpfs holds one 45 MB checkpoint, not two: rank 0 says why, rank 1 does not blame a
     dead peer, and the first checkpoint stays loadable."""
@@ -304,11 +288,11 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tm
 def test_an_unusable_run_dir_is_refused_before_anything_is_written(tmp_path, data_root):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    proc = run(TRAIN + small_run(data_root, afile, "x"), timeout=60)
-    assert proc.returncode == 2 and "is a file, not a folder" in one_line(proc)
+    code, _, err = train_here(*small_run(data_root, afile, "x"))
+    assert code == 2 and "is a file, not a folder" in one_line(err)
     with tmpfs(tmp_path / "ro", "size=1m,ro") as ro:
-        proc = run(TRAIN + small_run(data_root, ro / "runs", "x"), timeout=60)
-        assert proc.returncode == 2 and "Read-only file system" in one_line(proc)
+        code, _, err = train_here(*small_run(data_root, ro / "runs", "x"))
+        assert code == 2 and "Read-only file system" in one_line(err)
 
 
 def _damaged_copy(data_root: Path, to: Path) -> Path:
@@ -331,7 +315,7 @@ def _damaged_copy(data_root: Path, to: Path) -> Path:
         "a step file is a folder",
     ],
 )
-def test_found_before_anything_is_created_exit_2_with_one_line(tmp_path, data_root, train_here, case):
+def test_found_before_anything_is_created_exit_2_with_one_line(tmp_path, data_root, case):
     """The data, then the run directory: each problem in one line naming what to change, exit 2, and the
     folders as they were (no run directory made, nothing added to an existing one)."""
     runs, name, root = tmp_path / "runs", "x", data_root
@@ -388,6 +372,7 @@ while True:
 """
 
 
+@pytest.mark.processes
 def test_busy_master_port_and_a_peer_that_never_joins(tmp_path):
     port, lonely = free_port(), free_port()
     squatter = subprocess.Popen([PY, "-c", BUSY, str(port)], stdout=subprocess.PIPE, text=True)

@@ -4,7 +4,11 @@ every figure judged against a bound, a healthy dry run passing, a forced FAIL ma
 import json
 import re
 
+import pytest
+
 from .helpers import run
+
+pytestmark = pytest.mark.processes
 
 JUDGED = re.compile(r"\| (>=|<=) [\d.e+-]+: (PASS|FAIL)$")
 

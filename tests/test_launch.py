@@ -15,7 +15,22 @@ import torch
 
 from resnet_dist import distributed, launchcheck, launchenv, selftest, train
 
-from .helpers import PY, REPO, clean_env, epochs, exit_code, free_port, read_metrics, run, small_run, torchrun
+from .held import marker
+from .helpers import (
+    PY,
+    REPO,
+    call,
+    clean_env,
+    epochs,
+    exit_code,
+    free_port,
+    hold,
+    read_metrics,
+    run,
+    small_run,
+    torchrun,
+    wait_for,
+)
 
 TINY = ("data.train_subset=256", "train.epochs=1", "log.every_steps=2")  # after small_run's: these win
 
@@ -385,9 +400,9 @@ def launcher_env(monkeypatch, env: dict) -> list:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     waits = []
-    monkeypatch.setattr(distributed, "QUIET_WAIT_S", 0.0)
+    monkeypatch.setattr(launchcheck, "QUIET_WAIT_S", 0.0)
     real = launchcheck.wait_for_launcher
-    monkeypatch.setattr(distributed, "wait_for_launcher", lambda: waits.append(real()))
+    monkeypatch.setattr(launchcheck, "wait_for_launcher", lambda: waits.append(real()))
     return waits
 
 
@@ -477,14 +492,10 @@ def test_launch_mistakes_are_one_line_and_exit_2_in_every_command(
 
 
 def test_world_size_without_master_exits_2_at_once(tmp_path):
-    proc = run(
-        [PY, "-m", "resnet_dist.train", f"run.dir={tmp_path}", "run.name=x"],
-        timeout=60,
-        RANK="0",
-        WORLD_SIZE="2",
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [
+    t0 = time.monotonic()
+    code, _, err = call(train.main, f"run.dir={tmp_path}", "run.name=x", RANK="0", WORLD_SIZE="2")
+    assert code == 2 and time.monotonic() - t0 < 60, err
+    assert err.strip().splitlines() == [
         "error: WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT is not set: every process needs rank 0's address "
         "and port (torchrun, srun and accelerate launch set them)"
     ]
@@ -493,22 +504,18 @@ def test_world_size_without_master_exits_2_at_once(tmp_path):
 
 def test_unresolvable_master_addr_exits_2_at_once(tmp_path):
     """It used to wait the whole dist.timeout_s (600 s), then print C++ frames and blame a busy port."""
-    proc = run(
-        [PY, "-m", "resnet_dist.train", f"run.dir={tmp_path}", "run.name=x"],
-        timeout=90,
-        RANK="0",
-        WORLD_SIZE="2",
-        MASTER_ADDR="no-such-host.invalid",
-        MASTER_PORT=str(free_port()),
-    )
-    assert proc.returncode == 2, proc.stderr
-    err = proc.stderr.strip().splitlines()
+    env = dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="no-such-host.invalid", MASTER_PORT=str(free_port()))
+    t0 = time.monotonic()
+    code, _, err = call(train.main, f"run.dir={tmp_path}", "run.name=x", **env)
+    assert code == 2 and time.monotonic() - t0 < 90, err
+    err = err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
         "error: MASTER_ADDR='no-such-host.invalid' does not resolve"
     ), err
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.processes
 def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
     """Three ranks hit the same bad key: rank 0 says it and exits 2; the others wait quietly until torchrun
     stops them (SIGTERM), so that rank 0 is never stopped before it prints. torchrun's own summary
@@ -526,6 +533,7 @@ def test_a_config_error_under_torchrun_is_printed_once(tmp_path):
 
 
 # ---- the launchers, for real, on CPU ------------------------------------------------------------
+@pytest.mark.processes
 def test_launch_torchrun_sh_two_cpu_processes(tmp_path, data_root):
     env = {"NPROC": "", "CUDA_VISIBLE_DEVICES": ""}  # no GPU visible: 2 CPU processes
     proc = run(["bash", "launch/torchrun.sh", *small_run(data_root, tmp_path, "tr", *TINY)], **env)
@@ -535,6 +543,7 @@ def test_launch_torchrun_sh_two_cpu_processes(tmp_path, data_root):
     assert [(r["epoch"], r["world_size"], r["test/samples"]) for r in ep] == [(0, 2, 999)]
 
 
+@pytest.mark.processes
 def test_two_torchrun_agents_form_one_job(tmp_path, data_root):
     """Two "nodes" on this machine: agents with node ranks 0 and 1, one process each, static rendezvous."""
     port = free_port()
@@ -569,6 +578,7 @@ def test_two_torchrun_agents_form_one_job(tmp_path, data_root):
     assert [(r["world_size"], r["test/samples"]) for r in ep] == [(2, 999)]
 
 
+@pytest.mark.processes
 def test_accelerate_launch_on_cpu_follows_mixed_precision(tmp_path, data_root):
     # --multi_gpu starts the processes with torchrun, also without GPUs (--cpu would start only one)
     accelerate = [
@@ -631,10 +641,13 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.processes
 def test_losing_a_node_keeps_the_run(tmp_path, data_root):
     """Elastic: two agents (torchrun --nnodes=1:2 --max-restarts=3, c10d rendezvous), one process each. The
     second agent and its worker are SIGKILLed mid-epoch: the first agent's worker restarts alone, resumes from
-    the newest checkpoint at world size 1 with the same global batch, and finishes; nothing logged twice."""
+    the newest checkpoint at world size 1 with the same global batch, and finishes; nothing logged twice. The
+    second agent's worker is held after the step-10 checkpoint until then (tests/held.py, through the launch
+    script: tests/hold_site)."""
     port = free_port()
     cmd = ["bash", "launch/torchrun_multinode.sh", "--nnodes", "1:2", "--rdzv", f"127.0.0.1:{port}"]
     cmd += ["--nproc", "1", "--max-restarts", "3", "--rdzv-conf"]
@@ -646,18 +659,15 @@ def test_losing_a_node_keeps_the_run(tmp_path, data_root):
     out = subprocess.PIPE
     host_cmd = [*cmd, "last_call_timeout=5,is_host=true", *args]
     host = subprocess.Popen(host_cmd, cwd=REPO, env=clean_env(), text=True, stdout=out, stderr=out)
+    held = tmp_path / "held"  # in epoch 1, after epoch 0 on 2 ranks: its worker, whichever rank it is, holds
     node = subprocess.Popen(
         [*cmd, "last_call_timeout=5,is_host=false", *args],
         cwd=REPO,
-        env=clean_env(),
+        env=clean_env(**hold(held, "step 10", rank=None, site=True)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # bash execs torchrun: node.pid is the agent
-    ckpt = tmp_path / "el" / "checkpoints" / "step-00000010.pt"  # in epoch 1, after epoch 0 on 2 ranks
-    deadline = time.time() + 180
-    while not ckpt.exists():
-        assert host.poll() is None and node.poll() is None and time.time() < deadline, host.communicate()
-        time.sleep(0.05)
+    wait_for(marker(held, "step 10"), host, node)
     for pid in [node.pid, *children(node.pid)]:  # the node is gone: its agent and its worker
         os.kill(pid, signal.SIGKILL)
     node.wait()

@@ -16,25 +16,32 @@ from resnet_dist.lock import HOST, Busy, Lock, NotALock
 from .helpers import PY, REPO, clean_env
 
 HOLDER = """
-import sys, time
+import sys
 from resnet_dist.lock import Lock
 held = Lock(sys.argv[1]).acquire(wait=False)
 print("held", flush=True)
-time.sleep(float(sys.argv[2]))
+sys.stdin.readline()  # until the test says so (or kills it)
 held.release()
 """
 
 
-def hold(path, seconds: float = 60) -> subprocess.Popen:
+def hold(path) -> subprocess.Popen:
+    """Another process holding the lock at `path` until a line on its stdin (release) or a kill."""
     proc = subprocess.Popen(
-        [PY, "-c", HOLDER, str(path), str(seconds)],
+        [PY, "-c", HOLDER, str(path)],
         cwd=REPO,
         env=clean_env(),
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     assert proc.stdout.readline().strip() == "held"
     return proc
+
+
+def release(holder: subprocess.Popen) -> None:
+    holder.stdin.write("release\n")
+    holder.stdin.flush()
 
 
 def write_lock(path, host: str, pid: int, start: str | None = "1", age_s: float = 0) -> str:
@@ -44,9 +51,11 @@ def write_lock(path, host: str, pid: int, start: str | None = "1", age_s: float 
     return text
 
 
+@pytest.mark.processes
 def test_a_live_holder_is_refused_at_once_or_waited_for_saying_who_and_since_when(tmp_path):
+    """The holder releases only once the waiter has said who it waits for three times (no race with a clock)."""
     path = tmp_path / "lk"
-    holder = hold(path, seconds=2.5)
+    holder = hold(path)
     try:
         t0 = time.monotonic()
         with pytest.raises(Busy) as e:
@@ -54,7 +63,13 @@ def test_a_live_holder_is_refused_at_once_or_waited_for_saying_who_and_since_whe
         assert time.monotonic() - t0 < 1
         assert str(e.value.holder).startswith(f"{HOST} pid {holder.pid} since ")
         said = []
-        waiter = Lock(path, say=said.append).acquire(wait=True, say_every_s=0.5)
+
+        def say(line: str) -> None:
+            said.append(line)
+            if len(said) == 3:  # said at once, and twice more while waiting: now the holder lets go
+                release(holder)
+
+        waiter = Lock(path, say=say).acquire(wait=True, say_every_s=0.5)
         assert holder.wait(5) == 0  # it released: the waiter got the lock only then
         assert said[0].startswith(f"waiting for {path}: held by {HOST} pid {holder.pid} since ")
         assert len(said) >= 3 and len(set(said)) == 1  # said at once, and again while waiting
@@ -66,6 +81,7 @@ def test_a_live_holder_is_refused_at_once_or_waited_for_saying_who_and_since_whe
         holder.wait()
 
 
+@pytest.mark.processes
 def test_a_sigkilled_or_reused_holder_on_this_host_is_broken_at_once(tmp_path):
     path = tmp_path / "lk"
     holder = hold(path)

@@ -8,7 +8,7 @@ from matplotlib import image as mpimg
 
 from resnet_dist import plots
 
-from .helpers import PY, run
+from .helpers import call
 
 
 def png_size(path) -> tuple[int, int]:
@@ -57,18 +57,10 @@ def test_end_of_run_pngs_and_confusion_counts(trained):
 
 
 def test_plots_on_demand_from_a_checkpoint(trained, tmp_path):
-    proc = run(
-        [
-            PY,
-            "-m",
-            "resnet_dist.plots",
-            "--checkpoint",
-            str(trained / "checkpoints" / "last.pt"),
-            "--out",
-            str(tmp_path),
-        ],
-        timeout=120,
+    """`python -m resnet_dist.plots` in this process."""
+    code, _, err = call(
+        plots.main, "--checkpoint", str(trained / "checkpoints" / "last.pt"), "--out", str(tmp_path)
     )
-    assert proc.returncode == 0, proc.stderr
+    assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion.png", "curves.png"]
     assert png_size(tmp_path / "curves.png") == png_size(trained / "curves.png")

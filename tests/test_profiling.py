@@ -4,6 +4,8 @@ import contextlib
 import io
 import json
 
+import pytest
+
 from resnet_dist.config import load as load_config
 from resnet_dist.profiling import StepProfiler
 from resnet_dist.trainer import Trainer
@@ -22,6 +24,7 @@ def _profiled_fit(env, run_dir):
     return out.getvalue()
 
 
+@pytest.mark.processes
 def test_two_ranks_write_a_trace_each_with_the_step_and_the_all_reduce(tmp_path):
     printed = in_gloo_group(_profiled_fit, 2, tmp_path)
     for rank in (0, 1):

@@ -13,7 +13,8 @@ import yaml
 
 from resnet_dist import launchcheck, launchenv
 
-from .helpers import PY, REPO, clean_env, epochs, read_metrics, small_run
+from .held import marker
+from .helpers import PY, REPO, clean_env, epochs, hold, read_metrics, small_run
 from .slurm_cluster import TERMINAL
 
 pytestmark = pytest.mark.slurm
@@ -99,21 +100,6 @@ srun "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node=1 -m resne
     assert not (tmp_path / "mixed").exists()
 
 
-def test_sbatch_one_node_two_tasks(slurm_cluster, tmp_path, data_root):
-    job = submit(
-        slurm_cluster,
-        tmp_path,
-        "slurm/train.sh",
-        "--nodes=1",
-        "--ntasks-per-node=2",
-        train_args=job_args(data_root, tmp_path),
-    )
-    info, log = finish(slurm_cluster, tmp_path, job)
-    assert info["NumNodes"] == "1" and info["NumTasks"] == "2"
-    assert log.count("resnet_dist: launcher=srun world_size=2 nodes=1 backend=gloo") == 1, log
-    check_epochs(tmp_path / job, world_size=2)
-
-
 def test_sbatch_two_nodes_one_task_each(slurm_cluster, tmp_path, data_root):
     job = submit(
         slurm_cluster,
@@ -144,9 +130,17 @@ def test_sbatch_torchrun_two_nodes(slurm_cluster, tmp_path, data_root):
     check_epochs(tmp_path / job, world_size=2)
 
 
-def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path, data_root):
-    """USR1 mid-training (what --signal=USR1@120 sends before the time limit): the ranks checkpoint, rank 0
-    requeues the job, the job starts again with the same id, resumes in the same run directory, completes."""
+def held_until(cluster, job: str, at: Path) -> None:
+    """Until the job's run is held at the marker `at` (or has ended, which the test's next check reports)."""
+    cluster.wait(job, 120, until=lambda j: j.get("JobState") in TERMINAL or at.exists())
+
+
+def test_sbatch_one_node_two_tasks_preempted_requeues_and_resumes(slurm_cluster, tmp_path, data_root):
+    """slurm/train.sh on one node with two tasks; USR1 mid-training (what --signal=USR1@120 sends before the
+    time limit): the ranks checkpoint, rank 0 requeues the job, the job starts again with the same id, resumes
+    in the same run directory, completes. Rank 0 is held after its first step until the signal has come
+    (tests/held.py, through sbatch and srun: tests/hold_site)."""
+    held = tmp_path / "held"
     job = submit(
         slurm_cluster,
         tmp_path,
@@ -156,21 +150,18 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path, data_root):
         train_args=job_args(
             data_root, tmp_path, "data.train_subset=512", "train.epochs=2", "log.every_steps=1"
         ),
+        **hold(held, "step 1 until signal", site=True),
     )
-    metrics = tmp_path / job / "metrics.jsonl"
-    slurm_cluster.wait(
-        job,
-        120,
-        until=lambda j: (
-            j.get("JobState") in TERMINAL or (metrics.exists() and '"kind": "step"' in metrics.read_text())
-        ),
-    )
+    held_until(slurm_cluster, job, marker(held, "step 1"))
     slurm_cluster.run("scancel", "--signal=USR1", job)
     info, log = finish(slurm_cluster, tmp_path, job, timeout=240)
+    assert info["NumNodes"] == "1" and info["NumTasks"] == "2"
+    # rank 0 alone speaks, once in each start of the job
+    assert log.count("resnet_dist: launcher=srun world_size=2 nodes=1 backend=gloo") == 2, log
     assert info["Restarts"] == "1", log
     saved = re.search(r"preempted: checkpoint saved at step (\d+)", log)
     assert saved and f"requeued SLURM job {job}" in log, log
-    assert f"resumed at step {saved.group(1)}" in log and int(saved.group(1)) < 16, log
+    assert f"resumed at step {saved.group(1)}" in log and 1 < int(saved.group(1)) < 16, log
     check_epochs(tmp_path / job, world_size=2, n_epochs=2)
     steps = [r["step"] for r in read_metrics(tmp_path / job) if r.get("kind") == "step"]
     assert steps == list(range(1, 17))  # nothing lost, nothing twice
@@ -178,7 +169,8 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path, data_root):
 
 def test_job_array_tasks_train_apart_and_a_preempted_task_requeues_alone(slurm_cluster, tmp_path, data_root):
     """sbatch --array=0-1: two run directories (ARRAYJOB_TASK), {task} filled in per task; USR1 to task 1
-    requeues task 1 alone, which resumes and finishes."""
+    requeues task 1 alone, which resumes and finishes. Task 1 is held after its first step until the signal."""
+    held = tmp_path / "held"
     array = submit(
         slurm_cluster,
         tmp_path,
@@ -195,15 +187,9 @@ def test_job_array_tasks_train_apart_and_a_preempted_task_requeues_alone(slurm_c
             "log.every_steps=1",
             "run.seed={task}",
         ),
+        **hold(held, "step 1 until signal", only_if="SLURM_ARRAY_TASK_ID=1", site=True),
     )
-    metrics = tmp_path / f"{array}_1" / "metrics.jsonl"
-    slurm_cluster.wait(
-        f"{array}_1",
-        120,
-        until=lambda j: (
-            j.get("JobState") in TERMINAL or (metrics.exists() and '"kind": "step"' in metrics.read_text())
-        ),
-    )
+    held_until(slurm_cluster, f"{array}_1", marker(held, "step 1"))
     slurm_cluster.run("scancel", "--signal=USR1", f"{array}_1")
     infos = [slurm_cluster.wait(f"{array}_{t}", 240) for t in (0, 1)]
     logs = ["".join(p.read_text() for p in tmp_path.glob(f"*-{array}_{t}.out")) for t in (0, 1)]

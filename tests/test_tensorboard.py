@@ -1,38 +1,29 @@
 """log.tensorboard: rank 0's scalars and confusion matrices in TensorBoard's format, read back with TensorBoard's
 own reader; a run killed after a checkpoint and resumed shows every step once."""
 
-import os
 import signal
-import subprocess
-import time
 
-from .helpers import PY, REPO, clean_env, epochs, read_metrics, run, small_run
+import pytest
+
+from .held import marker
+from .helpers import HELD, PY, epochs, hold, launch, read_metrics, run, small_run, wait_for
 
 
+@pytest.mark.processes
 def test_scalars_and_confusion_matrices_continue_across_a_kill_without_duplicates(tmp_path, data_root):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    args = [
-        PY,
-        "-m",
-        "resnet_dist.train",
-        *small_run(
-            data_root, tmp_path, "tb", "log.tensorboard=true", "log.every_steps=1", "checkpoint.every_steps=4"
-        ),
-    ]
-    proc = subprocess.Popen(
-        args, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    args = small_run(
+        data_root, tmp_path, "tb", "log.tensorboard=true", "log.every_steps=1", "checkpoint.every_steps=4"
     )
-    metrics = tmp_path / "tb" / "metrics.jsonl"
-    deadline = time.time() + 180
-    while not (metrics.exists() and any(r["step"] >= 6 for r in read_metrics(tmp_path / "tb"))):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)  # after the step-4 checkpoint and the records of steps 5 and 6
-    proc.wait()
-    again = run(args)
+    held = tmp_path / "held"
+    proc = launch(HELD + args, **hold(held, "step 6"))  # held after step 6 until killed (tests/held.py)
+    wait_for(marker(held, "step 6"), proc)
+    proc.send_signal(signal.SIGKILL)  # after the step-4 checkpoint and the records of steps 5 and 6
+    proc.communicate()
+    again = run([PY, "-m", "resnet_dist.train", *args])
     assert again.returncode == 0, again.stderr
-    assert "resumed at step 4" in again.stdout or "resumed at step 8" in again.stdout
+    assert "resumed at step 4" in again.stdout
 
     acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
     acc.Reload()

@@ -2,12 +2,13 @@
 
 import json
 
+import pytest
 import torch
 
 from resnet_dist import checkpoint
 from resnet_dist.evaluate import CLASS_KEYS
 
-from .helpers import PY, epochs, read_metrics, run, small_run, torchrun, without_timing
+from .helpers import PY, call, epochs, read_metrics, run, small_run, torchrun, without_timing
 
 EPOCH_KEYS = {
     "epoch",
@@ -38,6 +39,7 @@ def check_run(run_path, world_size, n_epochs=2, test_samples=999):
     return ep
 
 
+@pytest.mark.processes
 def test_single_process_run(tmp_path, data_root):
     proc = run([PY, "-m", "resnet_dist.train", *small_run(data_root, tmp_path, "one")])
     assert proc.returncode == 0, proc.stderr
@@ -51,30 +53,17 @@ def test_single_process_run(tmp_path, data_root):
     assert ep[-1]["step"] == 2 * 512 // 64
 
 
-def test_torchrun_two_ranks(tmp_path, data_root):
-    proc = run(torchrun(2) + small_run(data_root, tmp_path, "two"))
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("resnet_dist: launcher=torchrun world_size=2") == 1  # only rank 0 speaks
-    assert proc.stdout.count("epoch 2 step") == 1
-    check_run(tmp_path / "two", world_size=2)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [  # the lock went with the run
-        "checkpoints",
-        "config.yaml",
-        "confusion.png",
-        "curves.png",
-        "metrics.jsonl",
-    ]
-
-
-def test_fast_path_options_train_under_torchrun(tmp_path, data_root):
-    """EMA, flip TTA, a small DDP bucket and the bf16 gradient-compression hook, with 2 gloo ranks."""
+@pytest.mark.processes
+def test_torchrun_two_ranks_with_the_fast_path_options(tmp_path, data_root):
+    """torchrun with 2 gloo ranks, and EMA, flip TTA, a small DDP bucket and the bf16 gradient-compression hook
+    on: rank 0 alone speaks, each epoch is logged once, the lock goes with the run; then `evaluate` under
+    torchrun computes what training logged."""
     proc = run(
         torchrun(2)
         + small_run(
             data_root,
             tmp_path,
             "fast",
-            "train.epochs=1",
             "train.ema_decay=0.9",
             "train.tta_flip=true",
             "dist.bucket_mb=1",
@@ -83,9 +72,18 @@ def test_fast_path_options_train_under_torchrun(tmp_path, data_root):
         )
     )
     assert proc.returncode == 0, proc.stderr
-    ep = check_run(tmp_path / "fast", world_size=2, n_epochs=1)
+    assert proc.stdout.count("resnet_dist: launcher=torchrun world_size=2") == 1  # only rank 0 speaks
+    assert proc.stdout.count("epoch 2 step") == 1
+    ep = check_run(tmp_path / "fast", world_size=2)
+    assert sorted(p.name for p in (tmp_path / "fast").iterdir()) == [  # the lock went with the run
+        "checkpoints",
+        "config.yaml",
+        "confusion.png",
+        "curves.png",
+        "metrics.jsonl",
+    ]
     state = checkpoint.load(tmp_path / "fast" / "checkpoints" / "last.pt")
-    assert state["ema"] is not None and int(state["ema"]["n_averaged"]) == ep[0]["step"]
+    assert state["ema"] is not None and int(state["ema"]["n_averaged"]) == ep[-1]["step"]
     assert any(
         not torch.equal(v, state["model"][k])
         for k, v in state["ema"]["weights"].items()
@@ -100,9 +98,10 @@ def test_fast_path_options_train_under_torchrun(tmp_path, data_root):
     assert proc.returncode == 0, proc.stderr
     evaluated = json.loads(proc.stdout.strip().splitlines()[-1])
     for k in ("test/acc", "test/loss", *(f"test/acc/{c}" for c in CLASS_KEYS)):
-        assert evaluated[k] == ep[0][k], k
+        assert evaluated[k] == ep[-1][k], k
 
 
+@pytest.mark.processes
 def test_progress_bar_on_a_terminal(tmp_path, data_root):
     import os
     import pty
@@ -165,32 +164,21 @@ def test_small_per_rank_batch_warns_on_gpus_only():
 
 
 def test_deterministic_runs_repeat_exactly_with_accumulation(tmp_path, data_root):
-    """run.deterministic=true twice (with gradient accumulation): the same metrics.jsonl, timing aside."""
+    """run.deterministic=true twice (with gradient accumulation), in this process: the same metrics.jsonl,
+    timing aside."""
+    from resnet_dist import train
+
     records = []
     for name in ("d1", "d2"):
-        proc = run(
-            [
-                PY,
-                "-m",
-                "resnet_dist.train",
-                *small_run(
-                    data_root,
-                    tmp_path,
-                    name,
-                    "run.deterministic=true",
-                    "train.accum_steps=2",
-                    "train.epochs=1",
-                    "data.flip=true",
-                    "data.erasing=0.3",
-                ),
-            ]
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert "deterministic=on accum_steps=2 " in proc.stdout.splitlines()[0]
+        args = ("run.deterministic=true", "train.accum_steps=2", "train.epochs=1", "data.flip=true")
+        code, out, err = call(train.main, *small_run(data_root, tmp_path, name, *args, "data.erasing=0.3"))
+        assert code == 0, err
+        assert "deterministic=on accum_steps=2 " in out.splitlines()[0]
         records.append(without_timing(read_metrics(tmp_path / name)))
     assert records[0] == records[1] and len(records[0]) == 4  # steps 3, 6, 8 and the epoch
 
 
+@pytest.mark.processes
 def test_sync_bn_on_cpu_ranks_is_one_line(tmp_path, data_root):
     proc = run(torchrun(2) + small_run(data_root, tmp_path, "s", "model.sync_bn=true"), timeout=120)
     assert proc.returncode != 0

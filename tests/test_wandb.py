@@ -65,6 +65,7 @@ def offline_two_ranks(tmp_path_factory, data_root):
     return base / "wb", proc
 
 
+@pytest.mark.processes
 def test_two_ranks_offline_is_one_run_matching_metrics_jsonl(offline_two_ranks):
     run_path, proc = offline_two_ranks
     files = wandb_files(run_path)
@@ -106,6 +107,7 @@ def test_two_ranks_offline_is_one_run_matching_metrics_jsonl(offline_two_ranks):
     assert all((files[0].parent / "files" / f).is_file() for f in panel["filenames"])
 
 
+@pytest.mark.processes
 def test_resumed_run_continues_the_same_wandb_run(offline_two_ranks, tmp_path, data_root):
     """Epoch 2 after a restart (here on 1 rank): the same W&B id, steps going on from the checkpoint's."""
     first, _ = offline_two_ranks
@@ -141,6 +143,7 @@ def scan_for_key(paths, key=FAKE_KEY):
     return leaks
 
 
+@pytest.mark.processes
 def test_online_without_a_server_trains_on_with_one_warning(tmp_path, data_root):
     proc = run(
         [PY, "-m", "resnet_dist.train", *small_run(data_root, tmp_path, "online", "train.epochs=1")],
@@ -173,6 +176,7 @@ lg.close()
 """
 
 
+@pytest.mark.processes
 def test_wandb_init_failure_falls_back_to_offline_with_the_same_id(tmp_path):
     """wandb.init itself fails (server unreachable past init_timeout): one warning, an offline run, same id."""
     proc = run(
