@@ -49,10 +49,13 @@ def configure_backends(device: torch.device, deterministic: bool = False) -> Non
 
 
 def optimizer_impl(device: torch.device, precision: str) -> dict:
-    """Which SGD kernel: fused on GPUs, except under fp16, where a step the GradScaler skips (an overflow,
-    typically the first) leaves the fused kernel's momentum buffers uninitialised: NaN from then on.
-    foreach (one kernel per group of tensors) everywhere else."""
-    if device.type == "cuda" and precision != "fp16":
+    """Which SGD kernel: fused (one pass over each parameter, its gradient and momentum, allocating nothing),
+    on GPUs and on the CPU alike, except under fp16, where a step the GradScaler skips (an overflow, typically
+    the first) leaves the fused kernel's momentum buffers uninitialised: NaN from then on; foreach (one kernel
+    per group of tensors) there. On the CPU, foreach is no cheaper than a loop: its out-of-place steps (weight
+    decay, Nesterov) allocate a copy of every gradient at once, fresh pages each step (for ResNet-18 on one core
+    ~25 ms a step against the fused kernel's ~4 ms)."""
+    if precision != "fp16":
         return {"fused": True, "foreach": None}
     return {"fused": None, "foreach": True}
 
