@@ -4,6 +4,7 @@ process."""
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import socket
@@ -41,10 +42,31 @@ class DistEnv:
 CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS's fixed workspace: its deterministic mode (CUDA's documentation)
 
 
+# glibc's mallopt parameters (malloc.h), and its upper limit for the mmap threshold on 64-bit systems
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX = -1, -3, 32 * 2**20
+
+
+def reuse_freed_memory() -> bool:
+    """Keep the memory a step frees for the next step, where the C library is glibc (True if it took the
+    settings; elsewhere nothing changes). By default glibc returns freed blocks of over 128 KiB to the kernel
+    (each is its own mmap) and trims the top of its heap, so every CPU step takes its activations from fresh,
+    zero-filled pages: for ResNet-18 at 128 images a rank page-faults ~10-20 thousand times a step (40-90 MB).
+    Blocks up to 32 MiB from the heap and no trimming: the process keeps the peak its steps reach anyway."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no mallopt: not glibc's malloc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) & bool(mallopt(M_TRIM_THRESHOLD, -1))
+
+
 def configure_backends(device: torch.device, deterministic: bool = False) -> None:
     """Fast: cuDNN picks the fastest convolution algorithms for our fixed shapes (a one-off search per
-    shape). Deterministic (run.deterministic): only deterministic kernels (an op without one raises), no
-    autotuner; the entry points set CUBLAS_WORKSPACE_CONFIG before CUDA starts."""
+    shape); on the CPU, the memory a step frees is kept for the next (`reuse_freed_memory`). Deterministic
+    (run.deterministic): only deterministic kernels (an op without one raises), no autotuner; the entry
+    points set CUBLAS_WORKSPACE_CONFIG before CUDA starts."""
+    if device.type == "cpu":
+        reuse_freed_memory()
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
         torch.use_deterministic_algorithms(True)

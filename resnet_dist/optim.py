@@ -12,11 +12,14 @@ from torch import nn
 from .config import TrainConfig
 
 
-def optimizer_impl(device: torch.device, precision: str) -> dict:
-    """Which SGD kernel: fused on GPUs, except under fp16, where a step the GradScaler skips (an overflow,
-    typically the first) leaves the fused kernel's momentum buffers uninitialised: NaN from then on.
-    foreach (one kernel per group of tensors) everywhere else."""
-    if device.type == "cuda" and precision != "fp16":
+def optimizer_impl(precision: str) -> dict:
+    """Which SGD kernel: fused (one pass over each parameter, its gradient and momentum, allocating nothing),
+    on GPUs and on the CPU alike, except under fp16, where a step the GradScaler skips (an overflow, typically
+    the first) leaves the fused kernel's momentum buffers uninitialised: NaN from then on; foreach (one kernel
+    per group of tensors) there. On the CPU, foreach is no cheaper than a loop: its out-of-place steps (weight
+    decay, Nesterov) allocate a copy of every gradient at once, fresh pages each step (for ResNet-18 on one core
+    ~25 ms a step against the fused kernel's ~4 ms)."""
+    if precision != "fp16":
         return {"fused": True, "foreach": None}
     return {"fused": None, "foreach": True}
 
@@ -33,7 +36,7 @@ def make_optimizer(
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    impl = {"fused": True, "foreach": None} if lr_tensor else optimizer_impl(device, precision)
+    impl = {"fused": True, "foreach": None} if lr_tensor else optimizer_impl(precision)
     lr = torch.tensor(train.lr, device=device) if lr_tensor else train.lr
     return torch.optim.SGD(groups, lr=lr, momentum=train.momentum, nesterov=train.nesterov, **impl)
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from resnet_dist import amp, checkpoint
+from resnet_dist import amp, checkpoint, optim
 from resnet_dist.config import load as load_config
 from resnet_dist.data import Splits, load_splits
 from resnet_dist.distributed import DistEnv
@@ -134,15 +134,15 @@ def test_resume_across_precisions(tmp_path, data_root):
     d = _trainer(data_root, tmp_path, "train.precision=fp32")
     d.load_state_dict(c.state_dict())
     _steps(d, 1)
-    assert [(g["fused"], g["foreach"]) for g in d.optimizer.param_groups] == [(None, True)] * 2
+    assert [(g["fused"], g["foreach"]) for g in d.optimizer.param_groups] == [(True, None)] * 2
 
 
 def test_augmentation_stream_from_another_device_is_reseeded(tmp_path, data_root, capsys):
     a = _trainer(data_root, tmp_path)
     _steps(a, 1)
     state = a.state_dict()
-    for opt_group in state["optimizer"]["param_groups"]:  # as a bf16 run on a GPU saves them
-        opt_group.update(fused=True, foreach=None)
+    for opt_group in state["optimizer"]["param_groups"]:  # as an fp16 run saves them
+        opt_group.update(fused=None, foreach=True)
     # a CUDA generator's state: 16 bytes (seed and offset), which a CPU generator cannot take
     state["rng"][0].update(augment=torch.zeros(16, dtype=torch.uint8), augment_device="cuda")
     b, c = _trainer(data_root, tmp_path), _trainer(data_root, tmp_path)
@@ -151,9 +151,7 @@ def test_augmentation_stream_from_another_device_is_reseeded(tmp_path, data_root
     assert "saved on cuda and cannot be restored on cpu: reseeded from run.seed and the step" in out
     c.load_state_dict(state)
     assert torch.equal(b.gen.get_state(), c.gen.get_state())  # deterministic: the same stream every time
-    assert [(g["fused"], g["foreach"]) for g in b.optimizer.param_groups] == [
-        (None, True)
-    ] * 2  # this device's
+    assert [(g["fused"], g["foreach"]) for g in b.optimizer.param_groups] == [(True, None)] * 2  # this run's
     _steps(b, 1)
     # an older checkpoint without the device key, but with a GPU's state: also reseeded
     del state["rng"][0]["augment_device"]
@@ -483,6 +481,9 @@ def overflow_at(trainer, steps: set[int]) -> list[int]:
     loss scaler starts at a scale of 64, where this tiny model's gradients never overflow by themselves."""
     count, factor = [0], 1e6 if trainer.precision == "fp16" else math.inf
     trainer.amp = amp.LossScaler(trainer.model, CPU_ENV.device, init_scale=64.0)
+    # fp16's SGD (foreach: a step the scaler skips leaves it untouched), wherever the trainer holds it
+    fp16_sgd = optim.make_optimizer(trainer.model, trainer.cfg.train, CPU_ENV.device, "fp16")
+    trainer.optimizer = trainer.parts.optimizer = trainer.schedule.optimizer = fp16_sgd
 
     def hook(module, args):
         if not module.training:
