@@ -17,9 +17,9 @@
 # The figures only mean something on a quiet machine: before each run it waits (up to QUIET_WAIT_S, default
 # 600) for the CPU to be at least 90% idle for QUIET_S (5) seconds on end, and a run during which other
 # programs took more than BUSY_PCT% (default 5) of the machine runs again, up to RETRIES (3) more times
-# (launch/cpu_others.py; disturbance.txt lists every try). Results: ${OUT:-bench_cpu/peer}/ (each run's
-# output and JSON, the training runs' metrics.jsonl, and summary.md: every raw figure, the medians, and each
-# against Lightning's median).
+# (launch/cpu_others.py; disturbance.txt lists every try). Results in $OUT (default: a new
+# /tmp/resnet_dist_cpu_peer.XXXX): each run's output and JSON, the training runs' metrics.jsonl, and summary.md
+# (every raw figure, the medians, and each against Lightning's median).
 #
 # Lightning is no dependency of this project: it is installed into its own virtual environment
 # (${LVENV:-.lightning-venv}, created when missing: python3 -m venv + pip install lightning and the torch
@@ -29,7 +29,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$PWD
 PY=${PYTHON:-.venv/bin/python}
 LVENV=${LVENV:-.lightning-venv}
-OUT=${OUT:-bench_cpu/peer}
+OUT=${OUT:-$(mktemp -d /tmp/resnet_dist_cpu_peer.XXXX)}
 RANKS=${RANKS:-2}
 BATCH=${BATCH:-256}
 STEPS=${STEPS:-20}

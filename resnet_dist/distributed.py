@@ -4,16 +4,15 @@ process."""
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import os
-import socket
 import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from .device import configure_backends, device_for, gpu_identity, shared_gpu
 from .errors import RunError, UsageError, first_line
 from .launchenv import LaunchError
 
@@ -37,43 +36,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS's fixed workspace: its deterministic mode (CUDA's documentation)
-
-
-# glibc's mallopt parameters (malloc.h), and its upper limit for the mmap threshold on 64-bit systems
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX = -1, -3, 32 * 2**20
-
-
-def reuse_freed_memory() -> bool:
-    """Keep the memory a step frees for the next step, where the C library is glibc (True if it took the
-    settings; elsewhere nothing changes). By default glibc returns freed blocks of over 128 KiB to the kernel
-    (each is its own mmap) and trims the top of its heap, so every CPU step takes its activations from fresh,
-    zero-filled pages: for ResNet-18 at 128 images a rank page-faults ~10-20 thousand times a step (40-90 MB).
-    Blocks up to 32 MiB from the heap and no trimming: the process keeps the peak its steps reach anyway."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # no mallopt: not glibc's malloc
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) & bool(mallopt(M_TRIM_THRESHOLD, -1))
-
-
-def configure_backends(device: torch.device, deterministic: bool = False) -> None:
-    """Fast: cuDNN picks the fastest convolution algorithms for our fixed shapes (a one-off search per
-    shape); on the CPU, the memory a step frees is kept for the next (`reuse_freed_memory`). Deterministic
-    (run.deterministic): only deterministic kernels (an op without one raises), no autotuner; the entry
-    points set CUBLAS_WORKSPACE_CONFIG before CUDA starts."""
-    if device.type == "cpu":
-        reuse_freed_memory()
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
 
 def choose_backend(requested: str, device: torch.device) -> str:
@@ -175,41 +137,12 @@ def rendezvous_error(e: BaseException, timeout_s: float, info: dict) -> BaseExce
     return e
 
 
-def device_for(local_rank: int, gpus: int) -> torch.device:
-    """The CPU without GPUs; cuda:0 when the task sees exactly one GPU (SLURM --gpus-per-task=1, --gpu-bind,
-    or a site that sets CUDA_VISIBLE_DEVICES per task); else the GPU of the local rank (check_launch has
-    made sure there are enough)."""
-    if gpus == 0:
-        return torch.device("cpu")
-    return torch.device("cuda", 0 if gpus == 1 else local_rank)
-
-
-def gpu_identity(device: torch.device) -> str:
-    """Host and GPU UUID: two processes with the same identity would share one GPU."""
-    return f"{socket.gethostname()} {torch.cuda.get_device_properties(device).uuid}"
-
-
 def exchange(store: dist.Store, key: str, rank: int, world_size: int, value: str) -> list[str]:
     """Every rank's `value`, through the rendezvous store (before any process group exists)."""
     store.set(f"{key}/{rank}", value)
     keys = [f"{key}/{r}" for r in range(world_size)]
     store.wait(keys)
     return [store.get(k).decode() for k in keys]
-
-
-def shared_gpu(identities: list[str]) -> str | None:
-    """Why the ranks cannot run (two of them see the same single GPU), or None."""
-    first: dict[str, int] = {}
-    for rank, ident in enumerate(identities):
-        if ident in first:
-            host, _, uuid = ident.partition(" ")
-            return (
-                f"ranks {first[ident]} and {rank} both see only GPU {uuid} on {host}: each process sees one GPU "
-                "but not its own; bind one GPU per task (srun --gpus-per-task=1) or let every process see all "
-                "of the node's GPUs (dist.backend=gloo runs several ranks on one GPU, slowly: for tests)"
-            )
-        first[ident] = rank
-    return None
 
 
 def rendezvous_store(info: dict, timeout: datetime.timedelta, env=os.environ) -> dist.Store:

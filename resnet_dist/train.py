@@ -26,7 +26,7 @@ from . import (
 )
 from .amp import resolve_precision
 from .data import load_splits
-from .distributed import CUBLAS_DETERMINISTIC
+from .device import CUBLAS_DETERMINISTIC
 from .errors import RunError, UsageError
 from .loggers import ConsoleLogger, JsonlLogger, MultiLogger, NullLogger
 from .preemption import Preemption

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from resnet_dist import distributed, launchcheck, launchenv, selftest, train
+from resnet_dist.device import device_for, shared_gpu
 
 from .held import marker
 from .helpers import (
@@ -134,7 +135,7 @@ def test_more_local_processes_than_gpus(env, gpus, ok):
     [(0, 0, "cpu"), (3, 0, "cpu"), (3, 1, "cuda:0"), (0, 1, "cuda:0"), (2, 4, "cuda:2"), (0, 8, "cuda:0")],
 )
 def test_device_of_each_process(local_rank, gpus, want):
-    assert str(distributed.device_for(local_rank, gpus)) == want
+    assert str(device_for(local_rank, gpus)) == want
 
 
 @pytest.mark.parametrize(
@@ -167,8 +168,8 @@ def test_processes_that_see_the_same_single_gpu_are_refused():
     for t in threads:
         t.join(30)
     assert got == {r: idents for r in range(4)}  # every rank sees every rank's identity
-    assert distributed.shared_gpu(idents[:3]) is None  # the same UUID on two hosts is two GPUs
-    clash = distributed.shared_gpu(idents)
+    assert shared_gpu(idents[:3]) is None  # the same UUID on two hosts is two GPUs
+    clash = shared_gpu(idents)
     assert "ranks 2 and 3 both see only GPU GPU-a on n2" in clash and "--gpus-per-task=1" in clash
 
 

@@ -2,15 +2,11 @@
 the cuDNN and CPU memory settings."""
 
 import math
-import platform
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
-from resnet_dist import distributed
+from resnet_dist import device
 from resnet_dist.amp import resolve_precision
 from resnet_dist.config import ModelConfig, TrainConfig
 from resnet_dist.model import build_model
@@ -177,39 +173,9 @@ def test_cudnn_benchmark_on_gpus():
     before = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = False
-        distributed.configure_backends(CPU)
+        device.configure_backends(CPU)
         assert torch.backends.cudnn.benchmark is False
-        distributed.configure_backends(torch.device("cuda"))
+        device.configure_backends(torch.device("cuda"))
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark = before
-
-
-@pytest.mark.processes
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
-def test_a_cpu_run_reuses_the_memory_its_steps_free():
-    """After configure_backends on the CPU, tensors freed at the end of a step stay with the process: the next
-    step's land on pages it already has, not on fresh ones the kernel must fault in and zero (in a process of
-    its own: the setting is for the whole process)."""
-    code = textwrap.dedent(
-        """
-        import resource, torch
-        from resnet_dist.distributed import configure_backends
-
-        def page_faults():
-            start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            for _ in range(5):  # 5 steps whose 16 activations of 4 MiB are freed together
-                activations = [torch.ones(2**20) for _ in range(16)]
-                del activations
-            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
-
-        before = page_faults()
-        configure_backends(torch.device("cpu"))
-        page_faults()  # the first step after it takes its pages once
-        print(before, page_faults())
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    before, after = map(int, out.split())
-    assert before > 40_000  # 5 x 64 MiB in fresh 4 KiB pages: the default, that the setting changes
-    assert after < 1_000

@@ -426,7 +426,7 @@ def test_sync_bn_checkpoints_load_either_way():
 
 
 def test_deterministic_mode_sets_every_switch(monkeypatch):
-    from resnet_dist.distributed import configure_backends
+    from resnet_dist.device import configure_backends
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = (
