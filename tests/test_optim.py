@@ -1,6 +1,7 @@
 """optim.py, each part alone: precision choice, the SGD kernel, optimizer groups and state, LR schedules, EMA,
 the cuDNN and CPU memory settings."""
 
+import copy
 import math
 
 import pytest
@@ -124,6 +125,27 @@ def test_fused_sgd_on_every_device_except_under_a_grad_scaler(precision, fused):
     )
     opt = make_optimizer(torch.nn.Linear(3, 2), TrainConfig(), CPU, precision)
     assert [g["fused"] for g in opt.param_groups] == [fused or None] * 2
+
+
+def test_the_cpus_fused_sgd_updates_as_foreach_does():
+    """The fused kernel the CPU now runs: the same momentum, Nesterov and weight-decay update as foreach, to
+    fp32 rounding, over steps that carry momentum."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig())
+    train = TrainConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    pair = [copy.deepcopy(model), copy.deepcopy(model)]
+    fused, foreach = (make_optimizer(m, train, CPU, p) for m, p in zip(pair, ("fp32", "fp16")))
+    assert fused.param_groups[0]["fused"] and foreach.param_groups[0]["foreach"]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for m in pair:
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+        fused.step()
+        foreach.step()
+    moved = max((a - b).abs().max().item() for a, b in zip(pair[0].parameters(), model.parameters()))
+    for a, b in zip(*(m.parameters() for m in pair)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * moved)
 
 
 def test_loaded_optimizer_state_keeps_this_devices_kernel():
