@@ -191,7 +191,10 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or unsafe all mean "not usable"
-        raise CheckpointError(f"{path}: not a valid checkpoint ({first_line(e)})") from None
+        with open(path, "rb") as f:  # torch.save writes a zip archive (a pickle before torch 1.6)
+            saved = f.read(2) in (b"PK", b"\x80\x02")
+        why = first_line(e) if saved else "not a file that torch.save wrote"
+        raise CheckpointError(f"{path}: not a valid checkpoint ({why})") from None
     if problem := structure_problem(state):
         raise CheckpointError(f"{path}: not a complete resnet_dist checkpoint: {problem}")
     if not finite(state):

@@ -106,7 +106,7 @@ def test_overrides_that_change_what_is_evaluated_are_refused(trained, tmp_path, 
     [
         (["--checkpoint", "/no/such/file.pt"], "no checkpoint file"),
         (["--checkpoint", "CKPT", "train.lrr=1"], "train.lrr"),
-        (["--checkpoint", "CONFIG"], "not a valid checkpoint"),
+        (["--checkpoint", "CONFIG"], "not a valid checkpoint (not a file that torch.save wrote)"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(trained, args, words):
