@@ -17,12 +17,12 @@ import os
 import resource
 import sys
 import time
-from types import SimpleNamespace
 
 import lightning as L
 import torch
 from torch.nn import functional as F
 
+from resnet_dist.config import ModelConfig
 from resnet_dist.fashion_mnist import MEAN, STD, load_split, prepare
 from resnet_dist.model import build_model
 
@@ -36,7 +36,7 @@ PROFILED = 3 if profile_to else 0
 class Module(L.LightningModule):
     def __init__(self):
         super().__init__()
-        self.net = build_model(SimpleNamespace(stem="imagenet", init="kaiming"))
+        self.net = build_model(ModelConfig(stem="imagenet", init="kaiming"))
 
     def training_step(self, batch, _):
         x, y = batch
